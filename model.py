@@ -1,0 +1,497 @@
+"""A minimal decoder-only transformer that loads real Hugging Face checkpoints.
+
+One module covers the four families CW-PO is run with: GPT-2, OPT, Qwen2 and
+Llama. It reads a local folder (config.json + model.safetensors, possibly
+sharded), maps tensor names explicitly (one table per family, below), and
+writes the same layout back so that transformers loads what we saved.
+
+    model = load_model("opt-125m")                # causal LM
+    rm = load_model("opt-125m", reward=True)      # backbone + scalar head
+    hidden = model(ids, mask, return_hidden=True) # [B, T, d], LM head not applied
+"""
+import json
+import math
+import os
+import pathlib
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+@dataclass
+class Config:
+    model_type: str
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    d_ff: int
+    max_pos: int
+    act: str
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    pre_norm: bool = True              # False only for OPT-350m style post-LN
+    final_norm: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    proj_dim: int = 0                  # OPT word_embed_proj_dim when != hidden_size
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+    hf: dict = field(default_factory=dict, repr=False)  # the config.json it came from, written back on save
+
+    @property
+    def rope(self):
+        return self.model_type in ("llama", "qwen2")
+
+    @property
+    def layernorm(self):  # LayerNorm with bias (GPT-2, OPT) or RMSNorm (Llama, Qwen2)
+        return self.model_type in ("gpt2", "opt")
+
+
+def config_from_hf(hf):
+    """Read both config layouts: older (rope_theta, torch_dtype) and transformers 5 (rope_parameters, dtype)."""
+    t = hf.get("model_type")
+    g = hf.get
+    common = dict(model_type=t, vocab_size=hf["vocab_size"], tie_word_embeddings=g("tie_word_embeddings", t in ("gpt2", "opt")),
+                  bos_token_id=g("bos_token_id"), eos_token_id=g("eos_token_id"), pad_token_id=g("pad_token_id"),
+                  dtype=str(g("dtype") or g("torch_dtype") or "float32").replace("torch.", ""), hf=hf)
+    if isinstance(common["eos_token_id"], list):
+        common["eos_token_id"] = common["eos_token_id"][0]
+    if t == "gpt2":
+        if g("scale_attn_by_inverse_layer_idx") or g("reorder_and_upcast_attn"):
+            raise ValueError("config.json: GPT-2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported")
+        d = hf["n_embd"]
+        return Config(d_model=d, n_layer=hf["n_layer"], n_head=hf["n_head"], n_kv_head=hf["n_head"], head_dim=d // hf["n_head"],
+                      d_ff=g("n_inner") or 4 * d, max_pos=hf["n_positions"], act=g("activation_function", "gelu_new"),
+                      norm_eps=g("layer_norm_epsilon", 1e-5), qkv_bias=True, o_bias=True, mlp_bias=True, **common)
+    if t == "opt":
+        d = hf["hidden_size"]
+        pre = g("do_layer_norm_before", True)
+        return Config(d_model=d, n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_kv_head=hf["num_attention_heads"],
+                      head_dim=d // hf["num_attention_heads"], d_ff=hf["ffn_dim"], max_pos=hf["max_position_embeddings"],
+                      act=g("activation_function", "relu"), pre_norm=pre, final_norm=pre and not g("_remove_final_layer_norm", False),
+                      qkv_bias=g("enable_bias", True), o_bias=g("enable_bias", True), mlp_bias=g("enable_bias", True),
+                      proj_dim=g("word_embed_proj_dim", d) if g("word_embed_proj_dim", d) != d else 0, **common)
+    if t in ("llama", "qwen2"):
+        rope = g("rope_parameters") or g("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"config.json: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported (only 'default')")
+        d, h = hf["hidden_size"], hf["num_attention_heads"]
+        bias = g("attention_bias", False)
+        return Config(d_model=d, n_layer=hf["num_hidden_layers"], n_head=h, n_kv_head=g("num_key_value_heads") or h,
+                      head_dim=g("head_dim") or d // h, d_ff=hf["intermediate_size"], max_pos=g("max_position_embeddings", 4096),
+                      act=g("hidden_act", "silu"), norm_eps=g("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", g("rope_theta", 10000.0)),
+                      qkv_bias=t == "qwen2" or bias, o_bias=bias, mlp_bias=g("mlp_bias", False), **common)
+    raise ValueError(f"config.json: unsupported model_type {t!r} (supported: gpt2, opt, qwen2, llama)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):  # statistics in fp32, as the reference implementations do
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(cfg):
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.layernorm else RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+def rotate(x, cos, sin):  # rotate-half RoPE; x [B, H, T, hd], cos/sin [B, 1, T, hd]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
+
+    def forward(self, x, rope, mask, cache, start):
+        B, T, _ = x.shape
+        c = self.cfg
+        q, k, v = self.qkv(x).split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], dim=-1)
+        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
+        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        if cache is not None:  # write this step's keys/values, attend over everything so far
+            cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
+            k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                           enable_gqa=c.n_kv_head != c.n_head)
+        return self.o(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.act]
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if cfg.rope else None  # SwiGLU families only
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down(self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.ln_1, self.attn, self.ln_2, self.mlp = make_norm(cfg), Attention(cfg), make_norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope, mask, cache=None, start=0):
+        if self.pre_norm:
+            x = x + self.attn(self.ln_1(x), rope, mask, cache, start)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, rope, mask, cache, start))
+        return self.ln_2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, lm_head=True):
+        super().__init__()
+        self.config = cfg
+        emb_dim = cfg.proj_dim or cfg.d_model
+        self.wte = nn.Embedding(cfg.vocab_size, emb_dim)
+        # OPT stores max_pos + 2 learned positions and skips the first two
+        self.wpe = None if cfg.rope else nn.Embedding(cfg.max_pos + (2 if cfg.model_type == "opt" else 0), cfg.d_model)
+        self.project_in = nn.Linear(emb_dim, cfg.d_model, bias=False) if cfg.proj_dim else None
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg) if cfg.final_norm else None
+        self.project_out = nn.Linear(cfg.d_model, emb_dim, bias=False) if cfg.proj_dim else None
+        self.lm_head = nn.Linear(emb_dim, cfg.vocab_size, bias=False) if lm_head else None
+        if lm_head and cfg.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.grad_checkpointing = False
+
+    def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0):
+        """input_ids [B, T] -> logits [B, T, V], or final hidden states [B, T, d'] with return_hidden.
+
+        attention_mask [B, start + T] (1 = real token) allows left or right padding; positions count
+        real tokens only, so a left-padded prompt sees the same positions as an unpadded one.
+        With a KV cache (see generate), `start` is the number of positions already cached.
+        """
+        B, T = input_ids.shape
+        cfg = self.config
+        if attention_mask is None:
+            pos = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            mask = None if cache is None else torch.ones(B, 1, T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
+        else:
+            am = attention_mask.bool()
+            pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+            causal = torch.ones(T, start + T, dtype=torch.bool, device=am.device).tril(start)
+            # a padding query attends to itself, so that no row is empty (its output is never used)
+            diagonal = torch.arange(start + T, device=am.device) == torch.arange(start, start + T, device=am.device)[:, None]
+            mask = ((causal & am[:, None, :]) | diagonal)[:, None]                      # [B, 1, T, start + T]
+        x = self.wte(input_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos + (2 if cfg.model_type == "opt" else 0))
+        else:
+            inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=x.device).float() / cfg.head_dim)
+            angles = pos[:, :, None].float() * inv_freq
+            angles = torch.cat((angles, angles), dim=-1)[:, None]
+            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        for i, block in enumerate(self.h):
+            layer_cache = None if cache is None else cache[i]
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, layer_cache, start)
+        if self.ln_f is not None:
+            x = self.ln_f(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x if return_hidden else self.lm_head(x)
+
+
+class RewardModel(nn.Module):
+    """pi_w(x, y) -> R: the backbone with its LM head replaced by a linear layer to one output.
+
+    The score is read at the last position whose attention_mask is 1 (the last real token of
+    x ++ y, the EOS included). transformers' *ForSequenceClassification reads it at the last
+    token that is not pad_token_id instead; both agree unless the pad token is also the EOS token
+    and the sequence ends with it, where transformers skips the EOS and we do not: we score the
+    full sequence the policy would generate, which is what the annotator is trained to judge.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.body = GPT(cfg, lm_head=False)
+        self.score = nn.Linear(cfg.proj_dim or cfg.d_model, 1, bias=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = self.body(input_ids, attention_mask, return_hidden=True)      # [B, T, d]
+        if attention_mask is None:
+            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        else:
+            last = (attention_mask * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(-1)
+        return self.score(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]).squeeze(-1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint names. Each entry maps one of our tensors to the Hugging Face tensor(s) it is made
+# of, with the family prefix ("transformer." / "model.") removed. Several names are concatenated
+# along dim 0 (our fused q|k|v). GPT-2 stores Conv1D weights as [in, out]: those are transposed.
+
+def hf_names(cfg):
+    """-> {our name: (hf names, transposed)} for one family."""
+    t, L = cfg.model_type, range(cfg.n_layer)
+    names = {}
+    if t == "gpt2":
+        names.update({"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"})
+        per_layer = {"ln_1": "ln_1", "attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj", "ln_2": "ln_2",
+                     "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
+        layer_fmt = "h.{i}."
+    elif t == "opt":
+        names.update({"wte.weight": "decoder.embed_tokens.weight", "wpe.weight": "decoder.embed_positions.weight"})
+        if cfg.final_norm:
+            names.update({"ln_f.weight": "decoder.final_layer_norm.weight", "ln_f.bias": "decoder.final_layer_norm.bias"})
+        if cfg.proj_dim:
+            names.update({"project_in.weight": "decoder.project_in.weight", "project_out.weight": "decoder.project_out.weight"})
+        per_layer = {"ln_1": "self_attn_layer_norm", "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                     "attn.o": "self_attn.out_proj", "ln_2": "final_layer_norm", "mlp.up": "fc1", "mlp.down": "fc2"}
+        layer_fmt = "decoder.layers.{i}."
+    else:  # llama, qwen2
+        names.update({"wte.weight": "embed_tokens.weight", "ln_f.weight": "norm.weight"})
+        per_layer = {"ln_1": "input_layernorm", "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                     "attn.o": "self_attn.o_proj", "ln_2": "post_attention_layernorm",
+                     "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
+        layer_fmt = "layers.{i}."
+    for i in L:
+        for ours, theirs in per_layer.items():
+            theirs = (theirs,) if isinstance(theirs, str) else theirs
+            for kind in ("weight", "bias"):
+                names[f"h.{i}.{ours}.{kind}"] = tuple(layer_fmt.format(i=i) + n + "." + kind for n in theirs)
+    names = {k: ((v,) if isinstance(v, str) else v) for k, v in names.items()}
+    conv1d = ("attn.qkv.weight", "attn.o.weight", "mlp.up.weight", "mlp.down.weight") if t == "gpt2" else ()
+    return {k: (v, k.endswith(conv1d)) for k, v in names.items()}
+
+
+PREFIXES = {"gpt2": "transformer.", "opt": "model.", "llama": "model.", "qwen2": "model."}
+IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers some checkpoints carry
+
+
+def read_safetensors(path):
+    """-> {name without family prefix: (file, name in file)} over one file or a sharded index."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    where = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), "pt") as f:
+            for key in f.keys():
+                short = key.split(".", 1)[1] if key.startswith(("transformer.", "model.")) else key
+                where[short] = (os.path.join(path, name), key)
+    return where
+
+
+def load_model(path, dtype=None, device="cpu", reward=False):
+    """Load a local HF checkpoint folder as a GPT (or, with reward=True, a RewardModel).
+
+    dtype None keeps the checkpoint's own dtype (config.json's dtype / torch_dtype). A missing,
+    unexpected or wrongly shaped tensor raises an error naming the tensor and the file.
+    With reward=True the scalar head comes from `score.weight` when the checkpoint has one
+    (a saved reward model), else it is freshly initialized (a pretrained LM becomes an annotator).
+    """
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{path}: no config.json")
+    with open(cfg_file) as f:
+        cfg = config_from_hf(json.load(f))
+    dtype = dtype or DTYPES.get(cfg.dtype, torch.float32)
+    with torch.device("meta"):
+        model = RewardModel(cfg) if reward else GPT(cfg)
+    body = model.body if reward else model
+    where = read_safetensors(path)
+    expected = {("body." if reward else "") + k: v for k, v in hf_names(cfg).items()}
+    if not reward and not cfg.tie_word_embeddings:
+        expected["lm_head.weight"] = (("lm_head.weight",), False)
+    if reward and "score.weight" in where:
+        expected["score.weight"] = (("score.weight",), False)
+    params = dict(model.named_parameters())
+    state, used = {}, set()
+    handles = {}
+    for ours, (theirs, transposed) in expected.items():
+        if ours not in params:  # e.g. biases a family does not have
+            continue
+        parts = []
+        for name in theirs:
+            if name not in where:
+                raise KeyError(f"{path}: checkpoint lacks tensor {PREFIXES[cfg.model_type] + name!r} (needed for {ours})")
+            file, key = where[name]
+            handles.setdefault(file, safe_open(file, "pt"))
+            t = handles[file].get_tensor(key)
+            parts.append(t.t() if transposed else t)
+            used.add(name)
+        tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if tensor.shape != params[ours].shape:
+            raise ValueError(f"{where[theirs[0]][0]}: tensor {where[theirs[0]][1]!r} has shape {tuple(parts[0].shape)}, "
+                             f"config.json implies {tuple(params[ours].shape)} for {ours}")
+        state[ours] = tensor.to(dtype).contiguous()
+    unexpected = [n for n in where if n not in used and not n.endswith(IGNORED)
+                  and not (n == "lm_head.weight" and (reward or cfg.tie_word_embeddings)) and n != "score.weight"]
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensor {where[unexpected[0]][1]!r} in {where[unexpected[0]][0]} "
+                         f"({len(unexpected)} unexpected in all) for model_type {cfg.model_type!r}")
+    if reward and "score.weight" not in state:
+        state["score.weight"] = torch.randn(1, cfg.proj_dim or cfg.d_model, dtype=dtype) * cfg.hf.get("initializer_range", 0.02)
+    model.load_state_dict(state, strict=False, assign=True)
+    if body.lm_head is not None and cfg.tie_word_embeddings:
+        body.lm_head.weight = body.wte.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise KeyError(f"{path}: no tensor for parameter {missing[0]}")
+    cfg.dtype = str(dtype).replace("torch.", "")
+    return model.to(device)
+
+
+def save_model(model, path):
+    """Write config.json + model.safetensors into the folder `path` in the HF layout, each file atomically."""
+    cfg = model.config
+    reward = isinstance(model, RewardModel)
+    body = model.body if reward else model
+    ours = {n: p.detach() for n, p in body.named_parameters(remove_duplicate=False)}
+    state = {}
+    for name, (theirs, transposed) in hf_names(cfg).items():
+        if name not in ours:
+            continue
+        t = ours[name]
+        splits = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim] if len(theirs) == 3 else [t.shape[0]]
+        for n, part in zip(theirs, t.split(splits) if len(theirs) > 1 else [t]):
+            state[PREFIXES[cfg.model_type] + n] = (part.t() if transposed else part).contiguous().cpu()
+    if reward:
+        state["score.weight"] = model.score.weight.detach().contiguous().cpu()
+    elif not cfg.tie_word_embeddings:
+        state["lm_head.weight"] = body.lm_head.weight.detach().contiguous().cpu()
+    cls = {"gpt2": "GPT2", "opt": "OPT", "llama": "Llama", "qwen2": "Qwen2"}[cfg.model_type]
+    hf = dict(cfg.hf, dtype=str(next(body.parameters()).dtype).replace("torch.", ""), model_type=cfg.model_type,
+              architectures=[cls + ("ForSequenceClassification" if reward else "ForCausalLM")])
+    hf.pop("torch_dtype", None)
+    if reward:
+        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    os.makedirs(path, exist_ok=True)
+    atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, "config.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf, indent=2)))
+
+
+def atomic_write(path, write):
+    """write(tmp_path) into a temporary file beside `path`, then rename it over `path`: never half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_tokenizer(path):
+    """A tokenizers.Tokenizer from tokenizer.json, or from vocab.json + merges.txt (GPT-2/OPT folders).
+
+    The special ids the checkpoint declares are attached as tok.bos_id, tok.eos_id, tok.pad_id
+    (tokenizer_config.json first, then config.json; pad falls back to eos).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt")):
+        tok = Tokenizer(models.BPE.from_file(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        raise FileNotFoundError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
+    meta = {}
+    for name in ("config.json", "special_tokens_map.json", "tokenizer_config.json"):  # later files win
+        if os.path.exists(os.path.join(path, name)):
+            with open(os.path.join(path, name)) as f:
+                meta.update(json.load(f))
+    ids = {}
+    for kind in ("bos", "eos", "pad"):
+        token = meta.get(f"{kind}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        ids[kind] = tok.token_to_id(token) if token is not None else None
+        if ids[kind] is None:
+            value = meta.get(f"{kind}_token_id")
+            ids[kind] = value[0] if isinstance(value, list) else value
+    tok.bos_id, tok.eos_id, tok.pad_id = ids["bos"], ids["eos"], ids["pad"] if ids["pad"] is not None else ids["eos"]
+    if meta.get("add_bos_token") and tok.bos_id is not None and tok.post_processor is None:
+        bos = tok.id_to_token(tok.bos_id)
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.bos_id)])
+    return tok
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=1.0, generator=None):
+    """Batched generation with a preallocated KV cache (gpt-fast style).
+
+    prompts: list of token-id lists, left-padded here into one batch. Greedy when temperature is 0,
+    else temperature / top-p (nucleus) sampling with `generator`. A row stops at eos_id.
+    Returns the new tokens of each row, the EOS excluded.
+    """
+    cfg, device = model.config, next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, device=device)
+        mask[i, P - len(p):P] = 1
+    dtype = next(model.parameters()).dtype
+    shape = (B, cfg.n_kv_head, P + max_new_tokens, cfg.head_dim)
+    cache = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.n_layer)]
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(ids, mask[:, :P], cache=cache, start=0)[:, -1]
+    for t in range(max_new_tokens):
+        logits = logits.float()
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = F.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+                sorted_p, order = probs.sort(dim=-1, descending=True)
+                drop = sorted_p.cumsum(-1) - sorted_p > top_p
+                probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = nxt.masked_fill(done, pad_id)
+        out[:, t] = nxt
+        done |= nxt == eos_id
+        if done.all():
+            break
+        mask[:, P + t] = 1
+        logits = model(nxt[:, None], mask[:, :P + t + 1], cache=cache, start=P + t)[:, -1]
+    result = []
+    for row in out.tolist():
+        result.append(row[:row.index(eos_id)] if eos_id in row else row[:t + 1])
+    return result

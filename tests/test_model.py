@@ -1,0 +1,199 @@
+"""model.py against transformers: tiny random checkpoints of each family, same weights, same inputs."""
+import json
+import os
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file, save_file
+
+from model import generate, load_model, load_tokenizer, save_model
+
+V = 97
+SPECIAL = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
+CONFIGS = {
+    "gpt2": lambda: T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=V, n_positions=64, **SPECIAL),
+    "opt-proj": lambda: T.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64, vocab_size=V,
+                                    max_position_embeddings=64, word_embed_proj_dim=16, **SPECIAL),
+    "opt-postln": lambda: T.OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64, vocab_size=V,
+                                      max_position_embeddings=64, do_layer_norm_before=False, **SPECIAL),
+    "qwen2-tied-gqa": lambda: T.Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                            intermediate_size=64, vocab_size=V, tie_word_embeddings=True, **SPECIAL),
+    "llama-gqa": lambda: T.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
+                                       intermediate_size=64, vocab_size=V, rope_theta=500.0, **SPECIAL),
+}
+
+
+def hf_model(name, cls=T.AutoModelForCausalLM, **extra):
+    torch.manual_seed(0)
+    cfg = CONFIGS[name]()
+    for k, v in extra.items():
+        setattr(cfg, k, v)
+    model = cls.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # random non-trivial norms and biases, so that a wrong mapping shows
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias") or "ln_" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, tmp_path_factory):
+    hf = hf_model(request.param)
+    path = str(tmp_path_factory.mktemp(request.param))
+    hf.save_pretrained(path)
+    return request.param, hf, path, load_model(path)
+
+
+def left_padded_batch():
+    torch.manual_seed(1)
+    ids = torch.randint(3, V, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_logits_match_transformers(pair):
+    name, hf, path, ours = pair
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        ref = hf(input_ids=ids[:1]).logits
+        assert torch.allclose(ours(ids[:1]), ref, atol=1e-4), name
+        # transformers counts positions from the first real token only when told (as its generate does)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ref = hf(input_ids=ids, attention_mask=mask, **({} if "opt" in name else {"position_ids": pos})).logits
+        got = ours(ids, mask)
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max() < 1e-4, name
+
+
+def test_hidden_states_feed_lm_head(pair):
+    _, _, _, ours = pair
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        assert torch.allclose(ours.lm_head(ours(ids, mask, return_hidden=True)), ours(ids, mask), atol=1e-6)
+
+
+def test_greedy_generation_matches_transformers(pair):
+    name, hf, path, ours = pair
+    ids, mask = left_padded_batch()
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=1)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    got = generate(ours, prompts, max_new_tokens=16, eos_id=1, pad_id=0)
+    for i, row in enumerate(ref[:, ids.shape[1]:].tolist()):
+        expected = row[:row.index(1)] if 1 in row else row
+        assert got[i] == expected, (name, i)
+
+
+def test_save_model_reloads_in_transformers(pair, tmp_path):
+    name, hf, path, ours = pair
+    save_model(ours, str(tmp_path / "saved"))
+    back = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"), attn_implementation="eager").eval()
+    ids, _ = left_padded_batch()
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-5), name
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt-proj", "qwen2-tied-gqa", "llama-gqa"])
+def test_reward_head_matches_sequence_classification(name, tmp_path):
+    hf = hf_model(name, cls=T.AutoModelForSequenceClassification, num_labels=1)
+    hf.save_pretrained(str(tmp_path))
+    rm = load_model(str(tmp_path), reward=True)
+    torch.manual_seed(2)
+    ids = torch.randint(3, V, (3, 10))  # right padding with pad id 0, which appears nowhere else
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        assert torch.allclose(rm(ids, mask), ref, atol=1e-5), name
+    save_model(rm, str(tmp_path / "rm"))
+    back = T.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"), attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=ids, attention_mask=mask).logits.squeeze(-1), ref, atol=1e-5)
+
+
+def test_lm_checkpoint_becomes_reward_model(tmp_path):
+    hf_model("llama-gqa").save_pretrained(str(tmp_path))
+    rm = load_model(str(tmp_path), reward=True)
+    assert rm(torch.randint(3, V, (2, 5))).shape == (2,)
+
+
+def test_sharded_checkpoint_and_old_config_layout(tmp_path):
+    hf = hf_model("llama-gqa")
+    hf.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    cfg = json.loads((tmp_path / "config.json").read_text())  # the pre-transformers-5 layout
+    cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(3, V, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(load_model(str(tmp_path))(ids), hf(input_ids=ids).logits, atol=1e-4)
+
+
+def test_bf16_close_to_fp32(tmp_path):
+    hf_model("qwen2-tied-gqa").save_pretrained(str(tmp_path))
+    ids = torch.randint(3, V, (2, 9))
+    with torch.no_grad():
+        full = load_model(str(tmp_path))(ids)
+        half = load_model(str(tmp_path), dtype=torch.bfloat16)(ids)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_sampling_is_seeded_and_top_p_tiny_is_greedy(pair):
+    _, _, _, ours = pair
+    prompts = [[5, 6, 7], [8, 9]]
+    draw = lambda seed: generate(ours, prompts, 8, eos_id=1, pad_id=0, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    assert draw(3) == draw(3)
+    nucleus = generate(ours, prompts, 8, eos_id=1, pad_id=0, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    assert nucleus == generate(ours, prompts, 8, eos_id=1, pad_id=0)
+
+
+def test_corrupted_checkpoints_raise_clear_errors(tmp_path):
+    hf_model("llama-gqa").save_pretrained(str(tmp_path))
+    file = str(tmp_path / "model.safetensors")
+    state = load_file(file)
+    state.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(state, file)
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        load_model(str(tmp_path))
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(5, 5)
+    save_file(state, file)
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight.*shape \(5, 5\)"):
+        load_model(str(tmp_path))
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 32)
+    state["model.extra.weight"] = torch.zeros(2)
+    save_file(state, file)
+    with pytest.raises(ValueError, match="unexpected tensor 'model.extra.weight'"):
+        load_model(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="mamba")))
+    with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
+        load_model(str(tmp_path))
+
+
+def test_tokenizer_json_and_vocab_merges_fallback(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, the weak model speaks with confidence"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"]))
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(str(tmp_path / "a"))
+    ours = load_tokenizer(str(tmp_path / "a"))
+    text = "the weak model speaks"
+    assert ours.encode(text).ids == fast(text)["input_ids"]
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 1, 0)
+    # a GPT-2/OPT style folder: vocab.json + merges.txt only
+    os.makedirs(tmp_path / "b")
+    tok.model.save(str(tmp_path / "b"))
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}))
+    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "</s>"}))
+    gpt2_style = load_tokenizer(str(tmp_path / "b"))
+    assert gpt2_style.encode(text).ids == [1] + tok.encode(text).ids
+    assert gpt2_style.decode(tok.encode(text).ids) == text
