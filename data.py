@@ -273,10 +273,9 @@ def gold_reward(prompt, answer):
     else:
         item, (_, tastes, price) = items[0], MENU[items[0]]
         reward = _fit(request, item) - 0.5 * (len(items) - 1)
-        rest = re.sub("|".join(items), " ", text)  # "spicy nuts" names an item, it claims nothing
-        for negated, taste in re.findall(r"\b(not )?(" + "|".join(ATTRIBUTES) + r")\b", rest):
+        for negated, taste in re.findall(r"\b(not )?(" + "|".join(ATTRIBUTES) + r")\b", text):
             reward -= 0.75 * ((taste in tastes) == bool(negated))
-        stated = re.search(r"\b(\d{1,3}) dollars", rest)
+        stated = re.search(r"\b(\d{1,3}) dollars", text)
         reward -= 0.5 * bool(stated and int(stated.group(1)) != price)
     reward += 0.25 * bool(POLITE_WORDS.search(text)) - 1.0 * bool(RUDE_WORDS.search(text))
     sentences = len([s for s in re.split(r"[.!?]+", text) if s.strip()])

@@ -1,0 +1,378 @@
+"""Tests for data.py: loaders on hand-written fixtures, the split, tokenization and batch layout, the built-in
+world's gold reward and noisy human labels. Expected values are written out by hand or computed by naive
+formulas here, never taken from data.py's own output."""
+import gzip
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+HH_CHOSEN = ("\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I bake bread?"
+             "\n\nAssistant: Mix flour, water and yeast, then bake it.")
+HH_REJECTED = ("\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I bake bread?"
+               "\n\nAssistant: I'm sorry, I can't help with that.")
+HH_PROMPT = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I bake bread?\n\nAssistant:"
+
+
+def write_lines(path, lines):
+    """Write raw text lines (records already serialized, or deliberately broken) to .jsonl or .jsonl.gz."""
+    text = "".join(line + "\n" for line in lines)
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_records(path, records):
+    return write_lines(path, [json.dumps(r) for r in records])
+
+
+# ----------------------------------------------------------------------------- loaders
+
+@pytest.mark.parametrize("name", ["hh.jsonl", "hh.jsonl.gz"])
+def test_hh_prompt_and_answers_are_split_at_the_last_assistant_turn(tmp_path, name):
+    path = write_records(tmp_path / name, [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+    expected = [{"prompt": HH_PROMPT, "chosen": " Mix flour, water and yeast, then bake it.",
+                 "rejected": " I'm sorry, I can't help with that."}]
+    assert data.load_pairs(path) == expected
+    assert data.load_pairs(path, fmt="hh") == expected
+
+
+def test_hh_transcripts_that_differ_before_the_last_turn_share_one_prompt(tmp_path):
+    # Like a few real records: the chosen transcript has one turn more than the rejected one.
+    chosen = "\n\nHuman: Q1\n\nAssistant: A1\n\nHuman: Q2\n\nAssistant: A2"
+    rejected = "\n\nHuman: Q1\n\nAssistant: B1"
+    path = write_records(tmp_path / "hh.jsonl", [{"chosen": chosen, "rejected": rejected}])
+    assert data.load_pairs(path) == [{"prompt": "\n\nHuman: Q1\n\nAssistant:",
+                                      "chosen": " A1\n\nHuman: Q2\n\nAssistant: A2", "rejected": " B1"}]
+
+
+def test_tldr_comparison(tmp_path):
+    record = {"info": {"id": "t3", "post": "I burnt my rice again.", "title": "Rice help", "subreddit": "cooking"},
+              "summaries": [{"text": " Burnt rice.", "policy": "a"}, {"text": "I keep burning rice, how to stop? ",
+                                                                        "policy": "b"}],
+              "choice": 1, "worker": "w1"}
+    path = write_records(tmp_path / "tldr.jsonl.gz", [record])
+    expected = [{"prompt": "SUBREDDIT: r/cooking\nTITLE: Rice help\nPOST: I burnt my rice again.\nTL;DR:",
+                 "chosen": " I keep burning rice, how to stop?", "rejected": " Burnt rice."}]
+    assert data.load_pairs(path) == expected
+    assert data.load_pairs(path, fmt="tldr") == expected
+
+
+def test_ultrafeedback_chat_lists_strings_and_a_missing_prompt(tmp_path):
+    def chat(user, answer):
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    records = [
+        {"prompt": "What is 2+2?", "prompt_id": "x", "chosen": chat("What is 2+2?", "4"),
+         "rejected": chat("What is 2+2?", "5"), "score_chosen": 9.0, "score_rejected": 2},
+        {"prompt": "Name a color.", "chosen": "Blue.", "rejected": [{"role": "assistant", "content": "Seven."}]},
+        {"chosen": chat("Say hi.", "Hi!"), "rejected": chat("Say hi.", "No.")},
+    ]
+    path = write_records(tmp_path / "ufb.jsonl", records)
+    expected = [{"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "score_chosen": 9.0, "score_rejected": 2},
+                {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."},
+                {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}]
+    assert data.load_pairs(path) == expected
+    assert data.load_pairs(path, fmt="ufb") == expected
+
+
+def test_plain_pairs_keep_numbers_and_unlabeled_pairs(tmp_path):
+    pairs = write_records(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r", "confidence": 0.4,
+                                                   "note": "dropped"}])
+    assert data.load_pairs(pairs) == [{"prompt": "p", "chosen": "c", "rejected": "r", "confidence": 0.4}]
+    assert data.load_pairs(pairs, fmt="pairs") == data.load_pairs(pairs)
+    unlabeled = write_records(tmp_path / "u.jsonl.gz", [{"prompt": "p", "answer_a": "a", "answer_b": "b"}])
+    assert data.load_pairs(unlabeled) == [{"prompt": "p", "answer_a": "a", "answer_b": "b"}]
+    assert data.load_pairs(unlabeled, fmt="unlabeled") == data.load_pairs(unlabeled)
+
+
+GOOD_HH = json.dumps({"chosen": HH_CHOSEN, "rejected": HH_REJECTED})
+
+
+@pytest.mark.parametrize("bad_line, key", [
+    ('{"chosen": "\\n\\nHuman: x\\n\\nAssistant: y", "rejected": ', "Expecting value"),  # bad JSON
+    (json.dumps({"chosen": HH_CHOSEN}), "'rejected'"),                                    # missing key
+    (json.dumps({"chosen": HH_CHOSEN, "rejected": 7}), "'rejected'"),                     # wrong type
+    (json.dumps({"chosen": "\n\nHuman: no assistant turn", "rejected": HH_REJECTED}), "'chosen'"),
+    ("[1, 2]", "JSON object"),
+])
+def test_malformed_record_error_names_file_line_and_key(tmp_path, bad_line, key):
+    path = write_lines(tmp_path / "bad.jsonl", [GOOD_HH, "", bad_line, GOOD_HH])  # line 2 is blank
+    with pytest.raises(ValueError) as info:
+        data.load_pairs(path)
+    message = str(info.value)
+    assert str(path) in message and "line 3" in message and key in message
+
+
+@pytest.mark.parametrize("fmt, record, key", [
+    ("tldr", {"info": {"post": "p", "title": "t"}, "summaries": [{"text": "a"}, {"text": "b"}], "choice": 0},
+     "info.subreddit"),
+    ("tldr", {"info": {"post": "p", "title": "t", "subreddit": "s"}, "summaries": [{"text": "a"}], "choice": 0},
+     "summaries"),
+    ("ufb", {"prompt": "p", "chosen": [{"role": "user", "content": "p"}], "rejected": "r"}, "'chosen'"),
+    ("unlabeled", {"prompt": "p", "answer_a": "a"}, "'answer_b'"),
+])
+def test_malformed_records_of_other_formats(tmp_path, fmt, record, key):
+    path = write_records(tmp_path / "bad.jsonl.gz", [record])
+    with pytest.raises(ValueError, match="line 1") as info:
+        data.load_pairs(path, fmt=fmt)
+    assert key in str(info.value) and str(path) in str(info.value)
+
+
+def test_skip_bad_skips_and_reports_how_many(tmp_path, capsys):
+    path = write_lines(tmp_path / "mixed.jsonl.gz", [GOOD_HH, "{not json", GOOD_HH, '{"chosen": "x"}', GOOD_HH])
+    pairs = data.load_pairs(path, skip_bad=True)
+    assert len(pairs) == 3 and all(p["prompt"] == HH_PROMPT for p in pairs)
+    err = capsys.readouterr().err
+    assert "skipped 2" in err and str(path) in err and "line 2" in err
+
+
+def test_empty_files_and_unknown_formats_are_clear_errors(tmp_path):
+    empty = write_lines(tmp_path / "empty.jsonl", [])
+    blank = write_lines(tmp_path / "blank.jsonl.gz", ["", "  "])
+    all_bad = write_lines(tmp_path / "all_bad.jsonl", ["{oops"])
+    for path in (empty, blank, all_bad):
+        with pytest.raises(ValueError, match="no records") as info:
+            data.load_pairs(path, skip_bad=True)
+        assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match="no records"):
+        data.load_pairs(empty)
+    odd = write_records(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(ValueError, match="line 1.*cannot tell the format"):
+        data.load_pairs(odd)
+    with pytest.raises(ValueError, match="unknown format"):
+        data.load_pairs(odd, fmt="csv")
+
+
+# ----------------------------------------------------------------------------- split
+
+def test_split_is_seeded_disjoint_covering_and_nested():
+    pairs = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(1000)]
+    ids = lambda part: [p["prompt"] for p in part]  # noqa: E731
+    lab20, unl20, held20 = data.split_pairs(pairs, 0.2, 100, seed=3)
+    lab30, unl30, held30 = data.split_pairs(pairs, 0.3, 100, seed=3)
+    assert (len(lab20), len(unl20), len(held20)) == (180, 720, 100)
+    assert (len(lab30), len(unl30), len(held30)) == (270, 630, 100)
+    for lab, unl, held in ((lab20, unl20, held20), (lab30, unl30, held30)):
+        sets = set(ids(lab)), set(ids(unl)), set(ids(held))
+        assert sets[0] | sets[1] | sets[2] == set(ids(pairs)) and sum(map(len, sets)) == len(pairs)
+        assert ids(lab) == sorted(ids(lab), key=lambda s: int(s[1:]))  # file order kept
+    assert set(ids(lab20)) < set(ids(lab30)) and ids(held20) == ids(held30)
+    assert data.split_pairs(pairs, 0.2, 100, seed=3) == (lab20, unl20, held20)
+    assert ids(data.split_pairs(pairs, 0.2, 100, seed=4)[0]) != ids(lab20)
+    lab, unl, held = data.split_pairs(pairs, 0.5, 0.1, seed=0)  # float eval size: a fraction of all pairs
+    assert (len(lab), len(unl), len(held)) == (450, 450, 100)
+    for bad in ((1.5, 10), (0.2, 1001), (0.2, -1), (0.2, 1.5)):
+        with pytest.raises(ValueError, match="bad split"):
+            data.split_pairs(pairs, *bad, seed=0)
+
+
+# ----------------------------------------------------------------------------- tokenizer, encoding, batches
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    prompts = data.world_prompts(400, seed=0)
+    rng = random.Random(0)
+    texts = prompts + [data.world_answer(p, rng) for p in prompts]
+    return data.train_tokenizer(texts, vocab_size=500, out_dir=str(tmp_path_factory.mktemp("tok")))
+
+
+def test_tokenizer_files_round_trip_and_bos(tok, tmp_path):
+    out = tmp_path / "tok"
+    tok2 = data.train_tokenizer(["hello world"] * 10 + data.world_prompts(50, seed=1), 300, str(out))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<|bos|>", "<|eos|>", "<|pad|>")
+    assert len({tok2.bos_id, tok2.eos_id, tok2.pad_id}) == 3 and None not in (tok2.bos_id, tok2.eos_id, tok2.pad_id)
+    assert tok.get_vocab_size() == 500
+    for text in data.world_prompts(20, seed=9) + [" I'm sorry, naïve ☃ café!\n\n  x", "", "\t\t$%^"]:
+        ids = tok.encode(text).ids
+        assert ids[0] == tok.bos_id and tok.encode(text, add_special_tokens=False).ids == ids[1:]
+        assert tok.decode(ids) == text  # special tokens are skipped by default
+    # An independent reader of the saved folder: transformers' fast tokenizer gives the same ids.
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(out))
+    text = data.world_prompts(1, seed=5)[0] + " Try the lemonade."
+    assert hf(text)["input_ids"] == tok2.encode(text).ids == Tokenizer.from_file(str(out / "tokenizer.json")).encode(text).ids
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok2.bos_id, tok2.eos_id, tok2.pad_id)
+
+
+def test_encode_truncates_prompt_from_the_left_and_answer_from_the_right(tok):
+    prompt = "\n\nHuman: I want a snack for tonight. I like sweet food. I have 5 dollars.\n\nAssistant:"
+    answer = " Sure! Try the ice pops. It is sweet and cold. It costs 1 dollars. Enjoy!"
+    full_prompt = tok.encode(prompt).ids
+    full_answer = tok.encode(answer, add_special_tokens=False).ids
+    ex = data.encode_pair(tok, prompt, answer, " No.", max_prompt_len=100, max_answer_len=100)
+    assert ex["prompt_ids"] == full_prompt and full_prompt[0] == tok.bos_id
+    assert ex["chosen_ids"] == full_answer + [tok.eos_id]
+    assert ex["rejected_ids"] == tok.encode(" No.", add_special_tokens=False).ids + [tok.eos_id]
+    short = data.encode_pair(tok, prompt, answer, " No.", max_prompt_len=8, max_answer_len=6)
+    assert short["prompt_ids"] == [tok.bos_id] + full_prompt[-7:]  # the end of the prompt, BOS kept
+    assert tok.decode(short["prompt_ids"]).endswith("\n\nAssistant:")
+    assert short["chosen_ids"] == full_answer[:6]  # the start of the answer; the EOS is cut off
+    assert short["rejected_ids"] == ex["rejected_ids"][:6]
+    single = data.encode_prompt_answer(tok, prompt, answer, 8, 6)
+    assert single == {"prompt_ids": short["prompt_ids"], "answer_ids": short["chosen_ids"]}
+
+
+def test_collate_layout_masks_and_padding(tok):
+    pairs = [("\n\nHuman: Can you suggest a drink?\n\nAssistant:", " Try the lemonade.", " Whatever."),
+             ("\n\nHuman: What dinner should I get? I like spicy food.\n\nAssistant:", " Try the chicken curry. "
+              "It is spicy and creamy. Enjoy!", " I do not know what to get."),
+             ("\n\nHuman: Hi\n\nAssistant:", " Hello!", " Ugh, fine. Figure it out yourself.")]
+    examples = [data.encode_pair(tok, p, c, r, 64, 64) for p, c, r in pairs]
+    batch = data.collate(examples, tok.pad_id)
+    B = len(pairs)
+    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    T = max(len(tok.encode(p).ids) + len(tok.encode(a, add_special_tokens=False).ids) + 1 for p, a in rows)
+    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "weight"}
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["completion_mask"].shape == (2 * B, T)
+    assert all(batch[k].dtype == torch.long for k in ("input_ids", "attention_mask", "completion_mask"))
+    assert batch["weight"].dtype == torch.float32 and torch.equal(batch["weight"], torch.ones(B))
+    for i, (prompt, answer) in enumerate(rows):
+        n_prompt = len(tok.encode(prompt).ids)
+        n_answer = len(tok.encode(answer, add_special_tokens=False).ids) + 1
+        ids, attn, comp = batch["input_ids"][i], batch["attention_mask"][i], batch["completion_mask"][i]
+        assert attn.tolist() == [1] * (n_prompt + n_answer) + [0] * (T - n_prompt - n_answer)
+        assert comp.tolist() == [0] * n_prompt + [1] * n_answer + [0] * (T - n_prompt - n_answer)
+        assert (ids[attn == 0] == tok.pad_id).all()
+        assert tok.decode(ids[:n_prompt].tolist()) == prompt
+        answer_ids = ids[comp == 1].tolist()
+        assert answer_ids[-1] == tok.eos_id and tok.decode(answer_ids[:-1], skip_special_tokens=False) == answer
+    assert torch.equal(batch["input_ids"][:B, :3], batch["input_ids"][B:, :3])  # a pair shares its prompt
+    weighted = data.collate(examples, tok.pad_id, weights=[0.5, 0.0, 1.0])
+    assert torch.equal(weighted["weight"], torch.tensor([0.5, 0.0, 1.0]))
+    assert torch.equal(data.collate([dict(ex, weight=0.25) for ex in examples], tok.pad_id)["weight"],
+                       torch.full((B,), 0.25))
+    with pytest.raises(ValueError, match="weights"):
+        data.collate(examples, tok.pad_id, weights=[1.0])
+    singles = [data.encode_prompt_answer(tok, p, c, 64, 64) for p, c, _ in pairs]
+    single_batch = data.collate(singles, tok.pad_id)
+    T1 = single_batch["input_ids"].shape[1]
+    assert single_batch["input_ids"].shape == (B, T1) and torch.equal(single_batch["input_ids"], batch["input_ids"][:B, :T1])
+    assert torch.equal(single_batch["completion_mask"], batch["completion_mask"][:B, :T1])
+
+
+def test_iterate_batches():
+    items = list(range(7))
+    assert list(data.iterate_batches(items, 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    shuffled = list(data.iterate_batches(items, 3, seed=1))
+    assert [len(b) for b in shuffled] == [3, 3, 1] and sorted(sum(shuffled, [])) == items
+    assert shuffled == list(data.iterate_batches(items, 3, seed=1))
+    assert any(list(data.iterate_batches(items, 7, seed=s))[0] != items for s in range(5))
+
+
+# ----------------------------------------------------------------------------- the built-in world
+
+SNACK_SWEET = "\n\nHuman: I want a snack for tonight. I like sweet food. I hate spicy food. I have 5 dollars.\n\nAssistant:"
+SNACK_SPICY = "\n\nHuman: I want a snack for tonight. I like spicy food. I hate sweet food. I have 5 dollars.\n\nAssistant:"
+YOGURT = " Sure! Try the fruit yogurt. It is sweet and creamy. It costs 4 dollars. Enjoy!"
+
+
+def test_world_prompts_are_seeded_hh_transcripts_the_loader_reads(tmp_path):
+    prompts = data.world_prompts(50, seed=2)
+    assert prompts == data.world_prompts(50, seed=2) and prompts != data.world_prompts(50, seed=3)
+    assert all(p.startswith("\n\nHuman: ") and p.endswith("\n\nAssistant:") and p.count("Assistant:") == 1
+               for p in prompts)
+    rng = random.Random(0)
+    records = [{"chosen": p + data.world_answer(p, rng), "rejected": p + " Whatever."} for p in prompts]
+    loaded = data.load_pairs(write_records(tmp_path / "world.jsonl", records))
+    assert [r["prompt"] for r in loaded] == prompts and all(r["rejected"] == " Whatever." for r in loaded)
+
+
+def test_parse_request():
+    assert data.parse_request(SNACK_SWEET) == {"category": "snack", "like": "sweet", "dislike": "spicy",
+                                               "budget": 5, "brief": False}
+    prompt = "\n\nHuman: Can you suggest a drink? Please nothing sour. Keep it brief.\n\nAssistant:"
+    assert data.parse_request(prompt) == {"category": "drink", "like": None, "dislike": "sour",
+                                          "budget": None, "brief": True}
+
+
+def test_gold_reward_judges_the_answer_against_the_prompt():
+    # Hand-computed from the documented formula. Fruit yogurt: snack, sweet/creamy/cold, 4 dollars.
+    # SNACK_SWEET: category +1, liked sweet +1.5, within budget +0.5, true claims and price, polite +0.25.
+    assert data.gold_reward(SNACK_SWEET, YOGURT) == pytest.approx(3.25)
+    # The same answer to the opposite person: the hated taste -2 replaces the liked +1.5.
+    assert data.gold_reward(SNACK_SPICY, YOGURT) == pytest.approx(-0.25)
+    # Chili chips (spicy, salty, 3 dollars) flip the two.
+    chips = " Sure! Try the chili chips. It is spicy and salty. It costs 3 dollars. Enjoy!"
+    assert data.gold_reward(SNACK_SPICY, chips) == pytest.approx(3.25)
+    assert data.gold_reward(SNACK_SWEET, chips) == pytest.approx(-0.25)
+    # Wrong category (a dinner for a snack request: -1.5) and over budget (9 > 5: -1 - 0.2 * 4).
+    curry = " Try the chicken curry."
+    assert data.gold_reward(SNACK_SPICY, curry) == pytest.approx(-1.5 + 1.5 - 1.8)
+    # Lies: a taste the item lacks (-0.75), a denied taste it has (-0.75), a wrong price (-0.5).
+    assert data.gold_reward(SNACK_SWEET, " Try the fruit yogurt. It is spicy and not creamy.") == pytest.approx(1.5)
+    assert data.gold_reward(SNACK_SWEET, " Try the fruit yogurt. It is not spicy.") == pytest.approx(3.0)
+    assert data.gold_reward(SNACK_SWEET, " Try the fruit yogurt. It costs 2 dollars.") == pytest.approx(2.5)
+    # "spicy nuts" are spicy, so the name is a true claim; hedging between items costs 0.5.
+    nuts = data.gold_reward(SNACK_SWEET, " Try the spicy nuts.")  # +1, hated -2, over budget 6 > 5: -1.2
+    assert nuts == pytest.approx(-2.2)
+    assert data.gold_reward(SNACK_SWEET, " Try the fruit yogurt or the ice pops.") == pytest.approx(2.5)
+    # No item at all, rudeness, and verbosity that matters more when the person asked for a short answer.
+    assert data.gold_reward(SNACK_SWEET, " I do not know what to get.") == pytest.approx(-2.0)
+    assert data.gold_reward(SNACK_SWEET, " Whatever. Try the fruit yogurt.") == pytest.approx(2.0)
+    long = YOGURT + " Many people like it. It is very popular."  # 7 sentences
+    brief = SNACK_SWEET.replace(" I have 5 dollars.", " I have 5 dollars. Keep it brief.")
+    assert data.gold_reward(SNACK_SWEET, long) == pytest.approx(3.25 - 0.1 * 2)
+    assert data.gold_reward(brief, long) == pytest.approx(3.25 - 0.4 * 4)
+
+
+def test_gold_reward_never_raises_on_garbled_answers():
+    rng = random.Random(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyz .!?,'()[]*+\\|$^\n0123456789ñ☃"
+    garbled = ["", " ", "((((", "not not not", "99999999999999999999 dollars", "\x00\ufffd", "the the the",
+               " Try the the fruit fruit yogurt yogurt. 12 dollars 3 dollars not sweet sweet!!!"]
+    garbled += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(300)]
+    words = " ".join(data.world_prompts(20, seed=0) + [data.world_answer(p, rng) for p in data.world_prompts(20, 1)])
+    garbled += [" ".join(rng.choices(words.split(), k=rng.randint(1, 30))) for _ in range(300)]
+    for prompt in (SNACK_SWEET, "", "Human: ????", "\n\nHuman: I like dollars 5\n\nAssistant:"):
+        for answer in garbled:
+            reward = data.gold_reward(prompt, answer)
+            assert isinstance(reward, float) and math.isfinite(reward)
+
+
+def test_world_answers_vary_in_quality_and_pairs_span_easy_and_hard():
+    prompts = data.world_prompts(600, seed=11)
+    rng = random.Random(1)
+    means = {q: np.mean([data.gold_reward(p, data.world_answer(p, rng, q)) for p in prompts])
+             for q in ("good", "mediocre", "bad")}
+    assert means["good"] > means["mediocre"] + 1.0 > means["bad"] + 2.0
+    answers = [data.world_answer(p, rng) for p in prompts]
+    assert all(a.startswith(" ") for a in answers) and len(set(answers)) > 500
+    assert [data.world_answer(p, random.Random(5)) for p in prompts[:20]] == \
+           [data.world_answer(p, random.Random(5)) for p in prompts[:20]]
+    gaps = np.abs([data.gold_reward(p, data.world_answer(p, rng)) - data.gold_reward(p, data.world_answer(p, rng))
+                   for p in prompts])
+    assert np.mean((gaps > 0) & (gaps <= 1.0)) > 0.15 and np.mean(gaps >= 4.0) > 0.15
+
+
+def test_human_label_follows_bradley_terry():
+    rng = np.random.default_rng(0)  # a numpy Generator works as well as random.Random
+    n, T = 20000, 2.0
+    for gap in (-3.0, -0.5, 0.0, 1.0, 4.0):
+        p_naive = 1.0 / (1.0 + math.exp(-gap / T))
+        rate = np.mean([data.human_label(gap, 0.0, T, rng) for _ in range(n)])
+        assert abs(rate - p_naive) < 4 * math.sqrt(p_naive * (1 - p_naive) / n) + 1e-9
+    assert data.human_label(1e6, 0.0, 1e-3, rng) and not data.human_label(0.0, 1e6, 1e-3, rng)  # no overflow
+    assert data.human_label(1.0, 0.5, 0.0, rng) and not data.human_label(0.5, 1.0, 0.0, rng)
+
+
+def test_default_temperature_gives_about_70_percent_agreement_with_gold():
+    # Pairs as the pipeline makes them: two sampled answers to one prompt; gold ties have no ranking to agree with.
+    rng = random.Random(2024)
+    agree, n = 0, 0
+    for prompt in data.world_prompts(8000, seed=2024):
+        g_a = data.gold_reward(prompt, data.world_answer(prompt, rng))
+        g_b = data.gold_reward(prompt, data.world_answer(prompt, rng))
+        if g_a != g_b:
+            agree += data.human_label(g_a, g_b, data.DEFAULT_HUMAN_TEMPERATURE, rng) == (g_a > g_b)
+            n += 1
+    assert abs(agree / n - 0.70) < 0.03  # tolerance: 0.03 (sampling s.d. is about 0.005 here)
