@@ -340,7 +340,6 @@ def _taste_claim(request, item, honest, rng):
         words = words or [rng.choice(sorted(set(ATTRIBUTES) - tastes))]
     return f"It is {' and '.join(words)}."
 
-
 # Chosen so that about 70 % of human labels agree with the gold ranking (the agreement reported between human
 # annotators on HH-RLHF and TL;DR) on pairs of two world_answer samples for one world prompt, gold ties left out:
 # mean over such pairs of sigmoid(|g_a - g_b| / T) = 0.70 (see tests/test_data.py). Not tuned for any method.
