@@ -186,6 +186,15 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.grad_checkpointing = False
 
+    def init_weights(self, std=0.02):
+        """For training from scratch: N(0, std) weights and zero biases, like HF's initializer_range."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        return self
+
     def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0):
         """input_ids [B, T] -> logits [B, T, V], or final hidden states [B, T, d'] with return_hidden.
 

@@ -1,0 +1,118 @@
+"""The weak annotator (PAPER.md steps 1-2): a small LM with a scalar head, trained with the Bradley-Terry
+loss on the labeled part, then used to label the unlabeled pairs with its confidence.
+
+    python train_weak.py --model opt-125m --data hh-rlhf/harmless-base/train.jsonl.gz --labeled-fraction 0.3 --out runs/weak
+
+writes OUT/ (the annotator, a reward checkpoint), and, beside it, OUT/splits/{labeled,human_pool,heldout}.jsonl
+(the human-labeled pairs of each part), OUT/weak_labels.jsonl (the unlabeled pairs as the annotator ranks them,
+with both scores and the confidence) and OUT/report.json (accuracy and calibration on held-out human labels).
+"""
+import argparse
+import json
+import os
+import pathlib
+
+import numpy as np
+import torch
+
+import cwpo
+import data
+import train_policy
+from model import atomic_write, load_model, load_tokenizer, save_model
+
+
+@torch.no_grad()
+def score_pairs(rm, tok, pairs, args, device):
+    """Annotator scores of both answers of each pair -> (scores of "chosen", scores of "rejected"), [P] each."""
+    rm.eval()
+    examples = [data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len, args.max_answer_len)
+                for p in pairs]
+    first, second = [], []
+    for chunk in data.iterate_batches(examples, args.batch_size):
+        batch = data.collate(chunk, tok.pad_id)
+        a, b = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu().chunk(2)
+        first.append(a)
+        second.append(b)
+    return torch.cat(first), torch.cat(second)
+
+
+def weak_labels(pairs, score_a, score_b):
+    """Relabel pairs by the annotator: the higher-scoring answer becomes "chosen"; confidence C (PAPER.md step 2).
+    `human_agrees` records whether the annotator kept the pair's original order (for reports only)."""
+    a_wins, confidence = cwpo.confidence(score_a, score_b)
+    labeled = []
+    for p, win, c, sa, sb in zip(pairs, a_wins.tolist(), confidence.tolist(), score_a.tolist(), score_b.tolist()):
+        chosen, rejected = (p["chosen"], p["rejected"]) if win else (p["rejected"], p["chosen"])
+        labeled.append({"prompt": p["prompt"], "chosen": chosen, "rejected": rejected, "score_chosen": max(sa, sb),
+                        "score_rejected": min(sa, sb), "confidence": c, "human_agrees": int(win)})
+    return labeled
+
+
+def annotator_report(confidence, correct, n_bins=10):
+    """Accuracy of the weak labels overall and within the top 10 / 30 / 50 % most confident, and the expected
+    calibration error of p = (1 + C) / 2 (the BT probability of the weak label) over n_bins equal-width bins."""
+    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
+    order = np.argsort(-confidence, kind="stable")
+    report = {"pairs": len(correct), "accuracy": float(correct.mean())}
+    for top in (10, 30, 50):
+        report[f"accuracy_top{top}"] = float(correct[order[:max(1, round(len(order) * top / 100))]].mean())
+    p = (1.0 + confidence) / 2.0
+    bins = np.minimum(((p - 0.5) * 2 * n_bins).astype(int), n_bins - 1)
+    report["ece"] = float(sum(abs(p[bins == b].mean() - correct[bins == b].mean()) * (bins == b).mean()
+                              for b in range(n_bins) if (bins == b).any()))
+    return report
+
+
+def write_jsonl(path, records):
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+def train_annotator(labeled, args, device, log=print):
+    """A reward model from args.model, trained with BT on the labeled pairs; -> (model, tokenizer)."""
+    tok = load_tokenizer(args.model)
+    rm = load_model(args.model, dtype=torch.float32, device=device, reward=True)
+    examples = [data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len, args.max_answer_len)
+                for p in labeled]
+    train_policy.train(rm, examples, tok.pad_id, args, device=device, log=log)
+    return rm, tok
+
+
+def main(args):
+    _, _, device = train_policy.distributed()
+    torch.manual_seed(args.seed)
+    os.makedirs(os.path.join(args.out, "splits"), exist_ok=True)
+    pairs = data.load_pairs(args.data, args.format, skip_bad=args.skip_bad)
+    labeled, unlabeled, heldout = data.split_pairs(pairs, args.labeled_fraction, args.eval_size, args.seed)
+    print(f"{len(pairs)} pairs: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(heldout)} held out")
+    if not labeled or not unlabeled:
+        raise SystemExit("the split left no labeled or no unlabeled pairs: change --labeled-fraction or --eval-size")
+    rm, tok = train_annotator(labeled, args, device)
+    save_model(rm, args.out)
+    score_a, score_b = score_pairs(rm, tok, heldout or unlabeled, args, device)
+    a_wins, confidence = cwpo.confidence(score_a, score_b)
+    report = annotator_report(confidence.tolist(), a_wins.tolist())  # "chosen" is the human label: a wins = correct
+    report["on"] = "heldout" if heldout else "unlabeled (no held-out pairs)"
+    print("annotator vs human labels:", json.dumps(report))
+    labels = weak_labels(unlabeled, *score_pairs(rm, tok, unlabeled, args, device))
+    for name, records in (("labeled", labeled), ("human_pool", labeled + unlabeled), ("heldout", heldout)):
+        write_jsonl(os.path.join(args.out, "splits", f"{name}.jsonl"), records)
+    write_jsonl(os.path.join(args.out, "weak_labels.jsonl"), labels)
+    atomic_write(os.path.join(args.out, "report.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=2)))
+    print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence {confidence.mean():.3f})")
+
+
+def parser():
+    p = train_policy.add_training_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.set_defaults(objective="bt", lr=1e-5)
+    p.add_argument("--labeled-fraction", type=float, default=0.3, help="share of the (non-held-out) pairs whose human label is used")
+    p.add_argument("--eval-size", type=float, default=0.1, help="held-out pairs: a fraction (< 1) or a count")
+    return p
+
+
+if __name__ == "__main__":
+    args = parser().parse_args()
+    args.eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size
+    try:
+        main(args)
+    except (ValueError, KeyError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        raise SystemExit(f"error: {e.args[0] if e.args else e}")
