@@ -264,46 +264,41 @@ class RewardModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint names. Each entry maps one of our tensors to the Hugging Face tensor(s) it is made
-# of, with the family prefix ("transformer." / "model.") removed. Several names are concatenated
-# along dim 0 (our fused q|k|v). GPT-2 stores Conv1D weights as [in, out]: those are transposed.
+# Checkpoint names: our module -> the Hugging Face module(s) it is made of, per family, without the
+# family prefix ("transformer." / "model."); {i} is the layer. Several HF modules are concatenated
+# along dim 0 (our fused q|k|v). GPT-2 stores its Conv1D weights as [in, out]: those are transposed.
 
-def hf_names(cfg):
-    """-> {our name: (hf names, transposed)} for one family."""
-    t, L = cfg.model_type, range(cfg.n_layer)
-    names = {}
-    if t == "gpt2":
-        names.update({"wte.weight": "wte.weight", "wpe.weight": "wpe.weight", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias"})
-        per_layer = {"ln_1": "ln_1", "attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj", "ln_2": "ln_2",
-                     "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
-        layer_fmt = "h.{i}."
-    elif t == "opt":
-        names.update({"wte.weight": "decoder.embed_tokens.weight", "wpe.weight": "decoder.embed_positions.weight"})
-        if cfg.final_norm:
-            names.update({"ln_f.weight": "decoder.final_layer_norm.weight", "ln_f.bias": "decoder.final_layer_norm.bias"})
-        if cfg.proj_dim:
-            names.update({"project_in.weight": "decoder.project_in.weight", "project_out.weight": "decoder.project_out.weight"})
-        per_layer = {"ln_1": "self_attn_layer_norm", "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                     "attn.o": "self_attn.out_proj", "ln_2": "final_layer_norm", "mlp.up": "fc1", "mlp.down": "fc2"}
-        layer_fmt = "decoder.layers.{i}."
-    else:  # llama, qwen2
-        names.update({"wte.weight": "embed_tokens.weight", "ln_f.weight": "norm.weight"})
-        per_layer = {"ln_1": "input_layernorm", "attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                     "attn.o": "self_attn.o_proj", "ln_2": "post_attention_layernorm",
-                     "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
-        layer_fmt = "layers.{i}."
-    for i in L:
-        for ours, theirs in per_layer.items():
-            theirs = (theirs,) if isinstance(theirs, str) else theirs
-            for kind in ("weight", "bias"):
-                names[f"h.{i}.{ours}.{kind}"] = tuple(layer_fmt.format(i=i) + n + "." + kind for n in theirs)
-    names = {k: ((v,) if isinstance(v, str) else v) for k, v in names.items()}
-    conv1d = ("attn.qkv.weight", "attn.o.weight", "mlp.up.weight", "mlp.down.weight") if t == "gpt2" else ()
-    return {k: (v, k.endswith(conv1d)) for k, v in names.items()}
-
-
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+HF_NAMES = {
+    "gpt2": {"wte": "wte", "wpe": "wpe", "ln_f": "ln_f", "h.{i}.ln_1": "h.{i}.ln_1", "h.{i}.ln_2": "h.{i}.ln_2",
+             "h.{i}.attn.qkv": "h.{i}.attn.c_attn", "h.{i}.attn.o": "h.{i}.attn.c_proj",
+             "h.{i}.mlp.up": "h.{i}.mlp.c_fc", "h.{i}.mlp.down": "h.{i}.mlp.c_proj"},
+    "opt": {"wte": "decoder.embed_tokens", "wpe": "decoder.embed_positions", "ln_f": "decoder.final_layer_norm",
+            "project_in": "decoder.project_in", "project_out": "decoder.project_out",
+            "h.{i}.ln_1": "decoder.layers.{i}.self_attn_layer_norm", "h.{i}.ln_2": "decoder.layers.{i}.final_layer_norm",
+            "h.{i}.attn.qkv": tuple("decoder.layers.{i}." + n for n in QKV), "h.{i}.attn.o": "decoder.layers.{i}.self_attn.out_proj",
+            "h.{i}.mlp.up": "decoder.layers.{i}.fc1", "h.{i}.mlp.down": "decoder.layers.{i}.fc2"},
+    "llama": {"wte": "embed_tokens", "ln_f": "norm", "h.{i}.ln_1": "layers.{i}.input_layernorm",
+              "h.{i}.ln_2": "layers.{i}.post_attention_layernorm", "h.{i}.attn.qkv": tuple("layers.{i}." + n for n in QKV),
+              "h.{i}.attn.o": "layers.{i}.self_attn.o_proj", "h.{i}.mlp.gate": "layers.{i}.mlp.gate_proj",
+              "h.{i}.mlp.up": "layers.{i}.mlp.up_proj", "h.{i}.mlp.down": "layers.{i}.mlp.down_proj"},
+}
+HF_NAMES["qwen2"] = HF_NAMES["llama"]
 PREFIXES = {"gpt2": "transformer.", "opt": "model.", "llama": "model.", "qwen2": "model."}
 IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers some checkpoints carry
+
+
+def hf_names(cfg, ours):
+    """Our parameter name -> (its HF tensor names, transposed?); e.g. "h.3.attn.qkv.weight" ->
+    (("layers.3.self_attn.q_proj.weight", "layers.3.self_attn.k_proj.weight", ...), False)."""
+    if ours in ("lm_head.weight", "score.weight"):
+        return (ours,), False
+    module, kind = ours.rsplit(".", 1)
+    layer = module.split(".")[1] if module.startswith("h.") else None
+    theirs = HF_NAMES[cfg.model_type][module.replace(f"h.{layer}.", "h.{i}.") if layer else module]
+    theirs = (theirs,) if isinstance(theirs, str) else theirs
+    conv1d = cfg.model_type == "gpt2" and kind == "weight" and module.endswith(("attn.qkv", "attn.o", "mlp.up", "mlp.down"))
+    return tuple(n.format(i=layer) + "." + kind for n in theirs), conv1d
 
 
 def read_safetensors(path):
@@ -337,74 +332,59 @@ def load_model(path, dtype=None, device="cpu", reward=False):
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{path}: no config.json")
     with open(cfg_file) as f:
-        cfg = config_from_hf(json.load(f))
+        try:
+            cfg = config_from_hf(json.load(f))
+        except KeyError as e:
+            raise KeyError(f"{cfg_file}: missing key {e.args[0]!r}") from None
     dtype = dtype or DTYPES.get(cfg.dtype, torch.float32)
     with torch.device("meta"):
         model = RewardModel(cfg) if reward else GPT(cfg)
-    body = model.body if reward else model
-    where = read_safetensors(path)
-    expected = {("body." if reward else "") + k: v for k, v in hf_names(cfg).items()}
-    if not reward and not cfg.tie_word_embeddings:
-        expected["lm_head.weight"] = (("lm_head.weight",), False)
-    if reward and "score.weight" in where:
-        expected["score.weight"] = (("score.weight",), False)
-    params = dict(model.named_parameters())
-    state, used = {}, set()
-    handles = {}
-    for ours, (theirs, transposed) in expected.items():
-        if ours not in params:  # e.g. biases a family does not have
+    where, state, used = read_safetensors(path), {}, set()
+    for full_name, param in model.named_parameters():  # a tied lm_head is not listed: it is wte
+        ours = full_name.removeprefix("body.")
+        theirs, transposed = hf_names(cfg, ours)
+        if ours == "score.weight" and ours not in where:  # a fresh scalar head on a pretrained LM
+            state[full_name] = torch.randn(param.shape, dtype=dtype) * cfg.hf.get("initializer_range", 0.02)
             continue
         parts = []
         for name in theirs:
             if name not in where:
                 raise KeyError(f"{path}: checkpoint lacks tensor {PREFIXES[cfg.model_type] + name!r} (needed for {ours})")
-            file, key = where[name]
-            handles.setdefault(file, safe_open(file, "pt"))
-            t = handles[file].get_tensor(key)
-            parts.append(t.t() if transposed else t)
-            used.add(name)
-        tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if tensor.shape != params[ours].shape:
-            raise ValueError(f"{where[theirs[0]][0]}: tensor {where[theirs[0]][1]!r} has shape {tuple(parts[0].shape)}, "
-                             f"config.json implies {tuple(params[ours].shape)} for {ours}")
-        state[ours] = tensor.to(dtype).contiguous()
-    unexpected = [n for n in where if n not in used and not n.endswith(IGNORED)
-                  and not (n == "lm_head.weight" and (reward or cfg.tie_word_embeddings)) and n != "score.weight"]
+            with safe_open(where[name][0], "pt") as f:
+                parts.append(f.get_tensor(where[name][1]))
+        tensor = torch.cat([p.t() if transposed else p for p in parts])
+        if tensor.shape != param.shape:
+            file, key = where[theirs[0]]
+            raise ValueError(f"{file}: tensor {key!r} has shape {tuple(parts[0].shape)}, config.json implies "
+                             f"{tuple(param.shape)} for {ours}")
+        state[full_name] = tensor.to(dtype).contiguous()
+        used.update(theirs)
+    unexpected = [n for n in where if n not in used and not n.endswith(IGNORED) and n not in ("lm_head.weight", "score.weight")]
     if unexpected:
         raise ValueError(f"{path}: unexpected tensor {where[unexpected[0]][1]!r} in {where[unexpected[0]][0]} "
                          f"({len(unexpected)} unexpected in all) for model_type {cfg.model_type!r}")
-    if reward and "score.weight" not in state:
-        state["score.weight"] = torch.randn(1, cfg.proj_dim or cfg.d_model, dtype=dtype) * cfg.hf.get("initializer_range", 0.02)
     model.load_state_dict(state, strict=False, assign=True)
+    body = model.body if reward else model
     if body.lm_head is not None and cfg.tie_word_embeddings:
         body.lm_head.weight = body.wte.weight
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise KeyError(f"{path}: no tensor for parameter {missing[0]}")
     cfg.dtype = str(dtype).replace("torch.", "")
     return model.to(device)
 
 
 def save_model(model, path):
     """Write config.json + model.safetensors into the folder `path` in the HF layout, each file atomically."""
-    cfg = model.config
-    reward = isinstance(model, RewardModel)
-    body = model.body if reward else model
-    ours = {n: p.detach() for n, p in body.named_parameters(remove_duplicate=False)}
+    cfg, reward = model.config, isinstance(model, RewardModel)
     state = {}
-    for name, (theirs, transposed) in hf_names(cfg).items():
-        if name not in ours:
-            continue
-        t = ours[name]
-        splits = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim] if len(theirs) == 3 else [t.shape[0]]
-        for n, part in zip(theirs, t.split(splits) if len(theirs) > 1 else [t]):
-            state[PREFIXES[cfg.model_type] + n] = (part.t() if transposed else part).contiguous().cpu()
-    if reward:
-        state["score.weight"] = model.score.weight.detach().contiguous().cpu()
-    elif not cfg.tie_word_embeddings:
-        state["lm_head.weight"] = body.lm_head.weight.detach().contiguous().cpu()
+    for ours, param in model.named_parameters():  # a tied lm_head is not listed (HF does not store it either)
+        ours = ours.removeprefix("body.")
+        theirs, transposed = hf_names(cfg, ours)
+        kv = cfg.n_kv_head * cfg.head_dim
+        parts = param.detach().split([cfg.n_head * cfg.head_dim, kv, kv]) if len(theirs) == 3 else [param.detach()]
+        for name, part in zip(theirs, parts):
+            prefix = "" if name in ("lm_head.weight", "score.weight") else PREFIXES[cfg.model_type]
+            state[prefix + name] = (part.t() if transposed else part).contiguous().cpu()
     cls = {"gpt2": "GPT2", "opt": "OPT", "llama": "Llama", "qwen2": "Qwen2"}[cfg.model_type]
-    hf = dict(cfg.hf, dtype=str(next(body.parameters()).dtype).replace("torch.", ""), model_type=cfg.model_type,
+    hf = dict(cfg.hf, dtype=str(next(model.parameters()).dtype).replace("torch.", ""), model_type=cfg.model_type,
               architectures=[cls + ("ForSequenceClassification" if reward else "ForCausalLM")])
     hf.pop("torch_dtype", None)
     if reward:
@@ -416,7 +396,7 @@ def save_model(model, path):
 
 def atomic_write(path, write):
     """write(tmp_path) into a temporary file beside `path`, then rename it over `path`: never half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)

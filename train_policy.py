@@ -95,6 +95,7 @@ def train(model, examples, pad_id, args, rank=0, world=1, device=torch.device("c
     """Train `model` in place on encoded examples: pairs (objective "preference" or "bt"), or sequences ("sft")."""
     if not examples:
         raise ValueError("no training examples")
+    os.makedirs(args.out, exist_ok=True)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
     net = ddp or model
     model.grad_checkpointing = args.grad_checkpointing
@@ -173,7 +174,6 @@ def encode_examples(tok, pairs, args):
 def main(args):
     rank, world, device = distributed()
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     if args.loss not in cwpo.LOSS_TYPES and args.objective == "preference":
         raise SystemExit(f"unknown --loss {args.loss!r}; known: {', '.join(cwpo.LOSS_TYPES)}")
     tok = load_tokenizer(args.model)

@@ -1,0 +1,60 @@
+"""train_weak.py: the annotator learns, its labels and confidences follow PAPER.md step 2, its report is the naive one."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_weak
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_weak_labels_take_the_higher_score_with_bt_confidence():
+    pairs = [{"prompt": "p", "chosen": "x", "rejected": "y"}, {"prompt": "q", "chosen": "u", "rejected": "v"}]
+    labels = train_weak.weak_labels(pairs, torch.tensor([0.3, -1.0]), torch.tensor([-0.5, 2.0]))
+    assert (labels[0]["chosen"], labels[0]["rejected"], labels[0]["human_agrees"]) == ("x", "y", 1)
+    assert (labels[1]["chosen"], labels[1]["rejected"], labels[1]["human_agrees"]) == ("v", "u", 0)
+    for label, margin in zip(labels, (0.8, 3.0)):
+        assert label["confidence"] == pytest.approx(2 * (1 / (1 + math.exp(-margin)) - 0.5), rel=1e-6)
+        assert label["score_chosen"] - label["score_rejected"] == pytest.approx(margin, rel=1e-6)
+
+
+def test_annotator_report_matches_naive_computation():
+    rng = np.random.default_rng(0)
+    confidence = rng.random(200)
+    correct = (rng.random(200) < 0.5 + confidence / 2).astype(int)
+    report = train_weak.annotator_report(confidence, correct)
+    ranked = sorted(zip(confidence, correct), key=lambda t: -t[0])
+    assert report["accuracy"] == pytest.approx(correct.mean())
+    assert report["accuracy_top30"] == pytest.approx(np.mean([c for _, c in ranked[:60]]))
+    ece = 0.0
+    for b in range(10):  # bins of p = (1 + C) / 2 over [0.5, 1]
+        inside = [(0.5 + c / 2, ok) for c, ok in zip(confidence, correct) if b / 10 <= c < (b + 1) / 10]
+        if inside:
+            ece += len(inside) / 200 * abs(np.mean([p for p, _ in inside]) - np.mean([ok for _, ok in inside]))
+    assert report["ece"] == pytest.approx(ece)
+
+
+def test_annotator_learns_an_easy_preference_and_writes_its_files(tiny_world, tmp_path):
+    pairs = [{"prompt": f"\n\nHuman: question {i}?\n\nAssistant:", "chosen": " Sure! Enjoy!", "rejected": " Ugh, whatever."}
+             for i in range(60)]
+    (tmp_path / "easy.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    out = tmp_path / "weak"
+    cmd = [sys.executable, os.path.join(ROOT, "train_weak.py"), "--model", tiny_world["model"], "--data", str(tmp_path / "easy.jsonl"),
+           "--out", str(out), "--labeled-fraction", "0.5", "--eval-size", "10", "--epochs", "10", "--batch-size", "8",
+           "--lr", "3e-3", "--log-every", "100"]
+    done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"] == 1.0 and report["pairs"] == 10
+    labels = [json.loads(line) for line in open(out / "weak_labels.jsonl")]
+    assert len(labels) == 25 and all(l["chosen"] == " Sure! Enjoy!" for l in labels)
+    assert all(0.0 <= l["confidence"] <= 1.0 for l in labels)
+    splits = {name: sum(1 for _ in open(out / "splits" / f"{name}.jsonl")) for name in ("labeled", "human_pool", "heldout")}
+    assert splits == {"labeled": 25, "human_pool": 50, "heldout": 10}
+    assert os.path.exists(out / "model.safetensors") and not any(f.endswith(".tmp") for f in os.listdir(out))
