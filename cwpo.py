@@ -98,5 +98,383 @@ class FusedLogProbs(torch.autograd.Function):
 
 
 def token_logps(hidden, weight, targets, bias=None, chunk_size=DEFAULT_CHUNK_SIZE):
-    """Per-token log p(targets | hidden) [N] fp32 (fp64 for fp64 inputs) via FusedLogProbs; targets < 0 give 0."""
-    return FusedLogProbs.apply(hidden, weight, bias, targets, chunk_size)
+    """Per-token log p(targets | hidden) [N] fp32 (fp64 for fp64 inputs) via FusedLogProbs; targets < 0 give 0.
+
+    Under autocast the inputs are cast to the autocast dtype first and the kernel runs with autocast off, so that
+    backward recomputes exactly the logits forward saw.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"token_logps: hidden is {hidden.dtype} but the LM head weight is {weight.dtype}")
+    with torch.autocast(device_type, enabled=False):
+        return FusedLogProbs.apply(hidden, weight, bias, targets, chunk_size)
+
+
+@torch.no_grad()
+def token_log_sum_sq_probs(hidden, weight, bias=None, chunk_size=DEFAULT_CHUNK_SIZE):
+    """log sum_v p_v^2 per row [N] fp32, chunked like FusedLogProbs, no gradient: WPO's sampling correction
+    (Zhou et al. 2024, arXiv 2406.11827). log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = _chunk_logits(hidden[start:start + chunk_size], weight, bias).float()
+        out[start:start + chunk_size] = torch.logsumexp(2 * logits, dim=1) - 2 * torch.logsumexp(logits, dim=1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-sequence log-probs: the one log-prob function every script calls
+
+
+def ld_weighted_logps(token_logps, mask, ld_alpha):
+    """LD-DPO's length-desensitized log-prob (Liu et al. 2024, arXiv 2409.06411, Eq. 9), as TRL's `ld_alpha`:
+    log p = sum of the first l_s answer tokens + ld_alpha * sum of the rest, l_s = min(len chosen, len rejected).
+    token_logps, mask [2B, T-1] in the batch layout (rows :B chosen, B: rejected) -> [2B]."""
+    position = mask.cumsum(dim=1)  # 1, 2, ... along the answer
+    chosen_len, rejected_len = mask.sum(dim=1).chunk(2)
+    shared = torch.minimum(chosen_len, rejected_len).repeat(2)[:, None]
+    scale = torch.where(position <= shared, 1.0, ld_alpha) * mask
+    return (token_logps * scale).sum(dim=1)
+
+
+def sequence_logps(model, input_ids, attention_mask, completion_mask, chunk_size=DEFAULT_CHUNK_SIZE,
+                   ld_alpha=None, wpo=False):
+    """Summed log-probs of the answer tokens of each row, with one forward of `model` over all rows.
+
+    input_ids, attention_mask, completion_mask: [R, T] (R = 2B in the batch layout). Only positions whose next
+    token is an answer token are projected through the LM head (with the fused kernel): prompt positions need
+    no logits. Returns a dict:
+      "logps"       [R] fp32  sum_t log p(y_t | x, y_<t) over answer tokens (LD-weighted when ld_alpha is given,
+                              which needs the 2B pair layout; compute the reference with the same ld_alpha)
+      "token_logps" [R, T-1]  per-token log-probs at position t for token t+1 (0 off the answer)
+      "mask"        [R, T-1]  bool, completion_mask[:, 1:]
+      "n_tokens"    [R]       answer tokens scored (a first-position answer token has no prefix and is not scored)
+      "wpo_weights" [R]       only with wpo=True: exp(mean_t (log p(y_t) - log sum_v p_v^2)), no gradient (WPO Eq. 2)
+    """
+    hidden = model(input_ids, attention_mask, return_hidden=True)  # [R, T, d]
+    lm_head = getattr(model, "module", model).lm_head  # unwrap DistributedDataParallel
+    mask = completion_mask[:, 1:].bool()
+    hidden = hidden[:, :-1][mask]  # [N, d]: only the N positions that predict an answer token
+    flat = token_logps(hidden, lm_head.weight, input_ids[:, 1:][mask], lm_head.bias, chunk_size)
+    per_token = flat.new_zeros(mask.shape).masked_scatter(mask, flat)
+    n_tokens = mask.sum(dim=1)
+    out = {"token_logps": per_token, "mask": mask, "n_tokens": n_tokens, "logps": per_token.sum(dim=1)}
+    if ld_alpha is not None:
+        out["logps"] = ld_weighted_logps(per_token, mask, ld_alpha)
+    if wpo:
+        sq = token_log_sum_sq_probs(hidden.detach(), lm_head.weight.detach(), lm_head.bias, chunk_size)
+        aligned = flat.detach().new_zeros(mask.shape).masked_scatter(mask, flat.detach() - sq)
+        out["wpo_weights"] = torch.exp(aligned.sum(dim=1) / n_tokens.clamp(min=1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weak labels: confidence, top-N % selection, Bradley-Terry loss
+
+
+def confidence(score_a, score_b):
+    """The weak label and its confidence (PAPER.md step 2): a_wins = s_a >= s_b and
+    C = 2 * (sigmoid(|s_a - s_b|) - 0.5) in [0, 1), the BT probability of the weak label rescaled from [0.5, 1).
+    score_a, score_b [B] -> (a_wins [B] bool, confidence [B] fp32)."""
+    score_a, score_b = score_a.float(), score_b.float()
+    return score_a >= score_b, 2.0 * (torch.sigmoid((score_a - score_b).abs()) - 0.5)
+
+
+def top_fraction_mask(confidence, fraction):
+    """The paper's hard selection: 1.0 for the round(fraction * B) most confident pairs (at least one when
+    fraction > 0), 0.0 for the others; ties keep the earlier pair. confidence [B] -> [B] float."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"top fraction must lie in [0, 1], got {fraction}")
+    n = confidence.shape[0]
+    keep = 0 if fraction == 0 else max(1, int(fraction * n + 0.5))
+    order = torch.argsort(confidence, descending=True, stable=True)
+    mask = torch.zeros(n, dtype=torch.float32, device=confidence.device)
+    mask[order[:keep]] = 1.0
+    return mask
+
+
+def bt_loss(chosen_scores, rejected_scores, margin=None, center_coef=0.0):
+    """Bradley-Terry reward-model loss per pair [B] (InstructGPT, Ouyang et al. 2022, Eq. 1; PAPER.md step 1):
+        l = -log sigmoid(r+ - r- - margin) + center_coef * (r+ + r-)^2
+    margin [B] is Llama 2's per-pair margin (Touvron et al. 2023, Eq. 2); center_coef the reward-centering penalty
+    of Eisenstein et al. 2023 (arXiv 2312.09244). Its mean is TRL RewardTrainer's loss (margin,
+    center_rewards_coefficient)."""
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff) + center_coef * (chosen_scores + rejected_scores) ** 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pairwise preference losses, per pair [B]. Notation: u+ = log pi(y+|x) - log pi_ref(y+|x), u- likewise,
+# s(u) the f-divergence score (s(u) = u for the reverse KL of DPO), delta = s(u+) - s(u-), n+- answer lengths.
+# Conventions (lengths, batch-level means, label smoothing) are those of TRL 1.16's DPOTrainer / CPOTrainer /
+# ORPOTrainer, to which tests/test_cwpo_trl.py compares them.
+
+
+def f_divergence_score(logratios, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
+    """f-DPO's implicit reward s(u) = f'(pi / pi_ref) (Wang et al. 2024, arXiv 2309.16240, Table 1):
+    reverse_kl: u;  forward_kl: 1 - exp(-u);  js_divergence: log 2 + log sigmoid(u);
+    alpha_divergence: (exp((a - 1) u) - 1) / (a - 1), exponent clamped at 80 (as TRL), u for a = 1."""
+    if f_divergence_type == "reverse_kl":
+        return logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type == "alpha_divergence":
+        a = f_alpha_divergence_coef
+        if abs(a - 1.0) < 1e-6:
+            return logratios
+        return (torch.exp(((a - 1) * logratios).clamp(max=80.0)) - 1) / (a - 1)
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; known: reverse_kl, forward_kl, "
+                     "js_divergence, alpha_divergence")
+
+
+def smoothed_sigmoid_loss(logits, label_smoothing=0.0):
+    """-(1 - e) log sigmoid(z) - e log sigmoid(-z): DPO (Rafailov et al. 2023, Eq. 7) with z = beta * delta;
+    e > 0 is the conservative cDPO of the original DPO code (Mitchell 2023, "A note on DPO with noisy
+    preferences"), also CPO's and SimPO's label smoothing and AOT's."""
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def hinge_loss(delta, beta):
+    """SLiC (Zhao et al. 2023, arXiv 2305.10425, Eq. 3): max(0, 1 - beta * delta)."""
+    return torch.relu(1 - beta * delta)
+
+
+def ipo_loss(chosen_scores, rejected_scores, chosen_n, rejected_n, beta):
+    """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17), length-normalized as TRL (confirmed with the authors):
+    (s(u+) / n+ - s(u-) / n- - 1 / (2 beta))^2."""
+    return (chosen_scores / chosen_n.clamp(min=1) - rejected_scores / rejected_n.clamp(min=1) - 1 / (2 * beta)) ** 2
+
+
+def exo_pair_loss(delta, beta, label_smoothing):
+    """EXO (Ji et al. 2024, arXiv 2402.00856, Eq. 16), KL(q || p) over {y+, y-} with q = softmax(beta * delta)
+    and p = (1 - e, e): sigmoid(z) (log sigmoid(z) - log(1 - e)) + sigmoid(-z) (log sigmoid(-z) - log e)."""
+    if label_smoothing <= 0:
+        raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
+    z = beta * delta
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-label_smoothing))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(label_smoothing)))
+
+
+def nca_pair_loss(chosen_logratios, rejected_logratios, beta):
+    """NCA (Chen et al. 2024, arXiv 2402.05369, Eq. 11 for K = 1 pair):
+    -log sigmoid(beta u+) - 1/2 log sigmoid(-beta u+) - 1/2 log sigmoid(-beta u-)."""
+    chosen, rejected = beta * chosen_logratios, beta * rejected_logratios
+    return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+
+
+def robust_loss(delta, beta, label_smoothing):
+    """rDPO (Chowdhury et al. 2024, arXiv 2403.00409, Eq. 7), e the label-flip rate in [0, 0.5):
+    (-(1 - e) log sigmoid(beta delta) + e log sigmoid(-beta delta)) / (1 - 2e)."""
+    z = beta * delta
+    return (-(1 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (1 - 2 * label_smoothing)
+
+
+def bco_pair_loss(chosen_logratios, rejected_logratios, beta):
+    """BCO on pairs (Jung et al. 2024, arXiv 2404.04656), without the running reward shift, as TRL 1.16:
+    -log sigmoid(beta u+) - log sigmoid(-beta u-)."""
+    return -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
+
+
+def sppo_hard_loss(chosen_logratios, rejected_logratios, beta):
+    """SPPO (Wu et al. 2024, arXiv 2405.00675, Eq. 4.7) with hard win probabilities 1 / 0:
+    (u+ - 1 / (2 beta))^2 + (u- + 1 / (2 beta))^2."""
+    return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+
+
+def aot_loss(policy_margins, ref_margins, beta, label_smoothing=0.0):
+    """AOT (Melnyk et al. 2024, arXiv 2406.05882): the smoothed DPO loss on sorted quantities,
+    delta_k = sort(policy_margins)_k - sort(ref_margins)_k. Paired AOT: margins = log pi(y+) - log pi(y-) of
+    policy and reference; unpaired: u+ and u-. Sorting mixes pairs: the k-th loss belongs to no single pair."""
+    delta = torch.sort(policy_margins).values - torch.sort(ref_margins).values
+    return smoothed_sigmoid_loss(beta * delta, label_smoothing)
+
+
+def apo_loss(chosen_logratios, rejected_logratios, beta, down=False):
+    """APO (D'Oosterlinck et al. 2024, arXiv 2408.06266). apo_zero (Eq. 7): 1 - sigmoid(beta u+) + sigmoid(beta u-);
+    apo_down (Eq. 8): sigmoid(beta u+) + 1 - sigmoid(beta (u+ - u-))."""
+    if down:
+        margin = chosen_logratios - rejected_logratios
+        return torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * margin)
+    return 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+
+
+def discopop_loss(delta, beta, tau=0.05):
+    """DiscoPOP (Lu et al. 2024, arXiv 2406.08414, Eq. 5), z = beta * delta, m = sigmoid(z / tau):
+    (1 - m) (-log sigmoid(z)) + m exp(-z)."""
+    z = beta * delta
+    mix = torch.sigmoid(z / tau)
+    return (1 - mix) * -F.logsigmoid(z) + mix * torch.exp(-z)
+
+
+def nll_loss(chosen_logps, chosen_n):
+    """Token-level NLL of the chosen answers, spread over pairs: -log pi(y+_i) / mean_j(n+_j), so that the mean
+    over the batch is -sum log p / (number of chosen tokens), TRL's "sft" loss and CPO's NLL term."""
+    return -chosen_logps / chosen_n.float().mean().clamp(min=1)
+
+
+def simpo_loss(chosen_logps, rejected_logps, chosen_n, rejected_n, beta, simpo_gamma=0.5, label_smoothing=0.0):
+    """SimPO (Meng et al. 2024, arXiv 2405.14734, Eq. 6), reference-free, with TRL CPO's label smoothing:
+    z = beta (log pi(y+) / n+ - log pi(y-) / n-) - gamma, loss = smoothed_sigmoid_loss(z)."""
+    margin = chosen_logps / chosen_n.clamp(min=1) - rejected_logps / rejected_n.clamp(min=1)
+    return smoothed_sigmoid_loss(beta * (margin - simpo_gamma / beta), label_smoothing)
+
+
+def orpo_loss(chosen_logps, rejected_logps, chosen_n, rejected_n, beta):
+    """ORPO (Hong et al. 2024, arXiv 2403.07691, Eqs. 2, 4, 7), beta = lambda, on mean token log-probs l+- :
+    NLL(y+) - beta * log sigmoid(log odds(y+) - log odds(y-)), log odds(y) = l - log(1 - exp(l)).
+    The NLL is over the answer tokens (the paper's L_SFT); TRL's ORPOTrainer also counts the prompt tokens."""
+    def log_odds(mean_logps):  # l - log(1 - e^l), with log(1 - e^l) computed stably on both sides of -log 2
+        log1mexp = torch.where(mean_logps < -math.log(2), torch.log1p(-torch.exp(mean_logps)),
+                               torch.log(-torch.expm1(mean_logps)))
+        return mean_logps - log1mexp
+    chosen_mean, rejected_mean = chosen_logps / chosen_n.clamp(min=1), rejected_logps / rejected_n.clamp(min=1)
+    ratio = F.logsigmoid(log_odds(chosen_mean) - log_odds(rejected_mean))
+    return nll_loss(chosen_logps, chosen_n) - beta * ratio
+
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "cpo", "orpo")
+# f-DPO only keeps its meaning where the reward enters as the difference delta (TRL raises for the others)
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+def preference_loss(loss_type, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
+                    beta=0.1, chosen_n_tokens=None, rejected_n_tokens=None, label_smoothing=0.0, cdpo=0.0,
+                    f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
+                    simpo_gamma=0.5, cpo_alpha=1.0):
+    """Per-pair loss [B] of one LOSS_TYPES name from summed answer log-probs [B] of policy and reference.
+
+    ref_*_logps None means a reference-free loss (log pi_ref = 0). chosen/rejected_n_tokens [B] are needed by
+    ipo, sigmoid_norm, sft, simpo, cpo and orpo. Options, named as in TRL's DPOConfig / CPOConfig:
+      label_smoothing   robust, exo_pair, aot, aot_unpaired (TRL DPO); simpo and cpo (TRL CPO)
+      cdpo              conservative DPO's label-flip rate for "sigmoid" (the original DPO code; TRL DPO has none)
+      f_divergence_type, f_alpha_divergence_coef   f-DPO scores for the losses in F_DIVERGENCE_LOSSES
+      discopop_tau      DiscoPOP's temperature
+      simpo_gamma       SimPO's target margin;  cpo_alpha: weight of CPO's NLL term ("cpo" = CPO's sigmoid loss)
+    beta is ORPO's lambda for "orpo" and the IPO tau for "ipo".
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss type {loss_type!r}; known: {', '.join(LOSS_TYPES)}")
+    if f_divergence_type != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSSES:
+        raise ValueError(f"f_divergence_type {f_divergence_type!r} only applies to {', '.join(F_DIVERGENCE_LOSSES)}")
+    needs_lengths = loss_type in ("ipo", "sigmoid_norm", "sft", "simpo", "cpo", "orpo")
+    if needs_lengths and (chosen_n_tokens is None or rejected_n_tokens is None):
+        raise ValueError(f"loss {loss_type!r} needs chosen_n_tokens and rejected_n_tokens")
+    n_chosen, n_rejected = chosen_n_tokens, rejected_n_tokens
+    if loss_type == "sft":
+        return nll_loss(chosen_logps, n_chosen)
+    if loss_type == "simpo":
+        return simpo_loss(chosen_logps, rejected_logps, n_chosen, n_rejected, beta, simpo_gamma, label_smoothing)
+    if loss_type == "cpo":  # CPO (Xu et al. 2024, arXiv 2401.08417, Eq. 3 + NLL): reference-free (c)DPO + NLL
+        policy_margin = beta * (chosen_logps - rejected_logps)
+        return smoothed_sigmoid_loss(policy_margin, label_smoothing) + cpo_alpha * nll_loss(chosen_logps, n_chosen)
+    if loss_type == "orpo":
+        return orpo_loss(chosen_logps, rejected_logps, n_chosen, n_rejected, beta)
+
+    ref_chosen = torch.zeros_like(chosen_logps) if ref_chosen_logps is None else ref_chosen_logps
+    ref_rejected = torch.zeros_like(rejected_logps) if ref_rejected_logps is None else ref_rejected_logps
+    chosen_logratios, rejected_logratios = chosen_logps - ref_chosen, rejected_logps - ref_rejected
+    chosen_scores = f_divergence_score(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
+    rejected_scores = f_divergence_score(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    delta = chosen_scores - rejected_scores
+    if loss_type == "sigmoid":
+        return smoothed_sigmoid_loss(beta * delta, cdpo)
+    if loss_type == "sigmoid_norm":  # DPO on length-normalized scores (TRL)
+        return -F.logsigmoid(beta * (chosen_scores / n_chosen.clamp(min=1) - rejected_scores / n_rejected.clamp(min=1)))
+    if loss_type == "hinge":
+        return hinge_loss(delta, beta)
+    if loss_type == "ipo":
+        return ipo_loss(chosen_scores, rejected_scores, n_chosen, n_rejected, beta)
+    if loss_type == "exo_pair":
+        return exo_pair_loss(delta, beta, label_smoothing)
+    if loss_type == "nca_pair":
+        return nca_pair_loss(chosen_logratios, rejected_logratios, beta)
+    if loss_type == "robust":
+        return robust_loss(delta, beta, label_smoothing)
+    if loss_type == "bco_pair":
+        return bco_pair_loss(chosen_logratios, rejected_logratios, beta)
+    if loss_type == "sppo_hard":
+        return sppo_hard_loss(chosen_logratios, rejected_logratios, beta)
+    if loss_type == "aot":
+        return aot_loss(chosen_logps - rejected_logps, ref_chosen - ref_rejected, beta, label_smoothing)
+    if loss_type == "aot_unpaired":
+        return aot_loss(chosen_logratios, rejected_logratios, beta, label_smoothing)
+    if loss_type in ("apo_zero", "apo_down"):
+        return apo_loss(chosen_logratios, rejected_logratios, beta, down=loss_type == "apo_down")
+    return discopop_loss(delta, beta, discopop_tau)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CW-PO: per-pair weights on any loss
+
+
+def weighted_mean(losses, weights, normalize="mean"):
+    """CW-PO's objective (PAPER.md step 3): L = mean_i(w_i * l_i), w_i the annotator's confidence C_i (CW-PO),
+    all ones (standard training) or a 0/1 top-N % mask. normalize="sum_w" gives sum_i(w_i l_i) / sum_i(w_i).
+
+    Learning rate: with "mean" the gradient is mean(w) times that of a w-weighted average of the per-pair
+    gradients, so weights averaging ~0.5 (typical confidences) act like halving the learning rate compared with
+    standard DPO at w = 1, and a 30 % top-N mask like dividing it by ~3. "sum_w" normalizes that away: only the
+    relative weights matter, as with hard selection. With "mean" a pair's weight is absolute (a pair with C = 0.1
+    moves the model 10x less than one with C = 1 whatever the rest of the batch); with "sum_w" it depends on the
+    batch, and the effective learning rate of a batch of uncertain pairs is the same as for confident ones.
+    """
+    weighted = weights * losses
+    if normalize == "mean":
+        return weighted.mean()
+    if normalize == "sum_w":  # an all-zero batch gives 0, not NaN
+        return weighted.sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
+    raise ValueError(f"unknown normalize {normalize!r}; known: mean, sum_w")
+
+
+def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="sigmoid", beta=0.1, normalize="mean",
+               loss_weights=None, ld_alpha=None, use_weighting=False, chunk_size=DEFAULT_CHUNK_SIZE, **options):
+    """Weighted preference loss of one batch in the batch layout -> (loss scalar, metrics dict of floats).
+
+    One forward of the policy over all 2B rows. ref_*_logps [B]: the reference's summed answer log-probs
+    (sequence_logps under no_grad, with the same ld_alpha), or None for a reference-free loss.
+    loss_type: a name of LOSS_TYPES or a list of them, combined as sum_k loss_weights[k] * loss_k (TRL's
+    loss_type list). ld_alpha: LD-DPO's weight of the answer tokens beyond the shorter answer's length.
+    use_weighting: WPO's per-pair factor w(y+) w(y-) (Zhou et al. 2024, Eq. 2; no gradient through it).
+    batch["weight"] [B]: the CW-PO weights, combined by weighted_mean(..., normalize). Other keyword options go to
+    preference_loss. aot / aot_unpaired sort pairs against each other, so they take no per-pair weights.
+    """
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    loss_weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
+    if len(loss_weights) != len(names):
+        raise ValueError(f"{len(loss_weights)} loss_weights for {len(names)} loss types {names}")
+    weights = batch["weight"]
+    if {"aot", "aot_unpaired"} & set(names) and (use_weighting or bool((weights != weights[0]).any())):
+        raise ValueError("aot / aot_unpaired sort pairs across the batch: per-pair weights (CW-PO, top-N, WPO) "
+                         "cannot follow their pair; use equal weights")
+    out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                         chunk_size, ld_alpha, use_weighting)
+    chosen, rejected = out["logps"].chunk(2)
+    n_chosen, n_rejected = out["n_tokens"].chunk(2)
+    losses = 0.0
+    for name, loss_weight in zip(names, loss_weights):
+        pair_chosen = chosen
+        if name == "sft" and ld_alpha is not None:  # TRL's "sft" is the plain NLL, even when ld_alpha is set
+            pair_chosen = out["token_logps"][:len(chosen)].sum(dim=1)
+        losses = losses + loss_weight * preference_loss(
+            name, pair_chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta,
+            chosen_n_tokens=n_chosen, rejected_n_tokens=n_rejected, **options)
+    if use_weighting:
+        wpo_chosen, wpo_rejected = out["wpo_weights"].chunk(2)
+        losses = losses * wpo_chosen * wpo_rejected
+    loss = weighted_mean(losses, weights.to(losses.dtype), normalize)
+
+    with torch.no_grad():  # DPO's implicit rewards beta * log(pi / pi_ref) (beta * log pi without a reference)
+        chosen_rewards = beta * (chosen - (0 if ref_chosen_logps is None else ref_chosen_logps))
+        rejected_rewards = beta * (rejected - (0 if ref_rejected_logps is None else ref_rejected_logps))
+        metrics = {"accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+                   "margin": (chosen_rewards - rejected_rewards).mean().item(),
+                   "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item()}
+    return loss, metrics
