@@ -57,16 +57,18 @@ def judge_scores(judge_path, tok, prompts, answers, device, batch_size=32):
 
 # --------------------------------------------------------------------------- the built-in experiment
 
-METHODS = {  # name: (training pairs, loss, weighting)
-    "DPO, human 100 %": ("human_pool", "sigmoid", "none"),
-    "DPO, human 30 % only": ("labeled", "sigmoid", "none"),
-    "WS-DPO (weak labels, weight 1)": ("weak", "sigmoid", "none"),
-    "Top-30 % confident weak labels": ("weak", "sigmoid", "top"),
-    "CW-DPO": ("weak", "sigmoid", "confidence"),
-    "IPO, human 100 %": ("human_pool", "ipo", "none"),
-    "CW-IPO": ("weak", "ipo", "confidence"),
-    "rDPO, human 100 %": ("human_pool", "robust", "none"),
-    "CW-rDPO": ("weak", "robust", "confidence"),
+RDPO = {"label_smoothing": 0.1}  # rDPO's assumed label-flip rate epsilon (0 would make it plain DPO)
+METHODS = {  # name: (training pairs, loss, loss options, weighting, normalization)
+    "DPO, human 100 %": ("human_pool", "sigmoid", {}, "none", "mean"),
+    "DPO, human 30 % only": ("labeled", "sigmoid", {}, "none", "mean"),
+    "WS-DPO (weak labels, weight 1)": ("weak", "sigmoid", {}, "none", "mean"),
+    "Top-30 % confident weak labels": ("weak", "sigmoid", {}, "top", "mean"),
+    "CW-DPO": ("weak", "sigmoid", {}, "confidence", "mean"),
+    "CW-DPO, normalized by sum C": ("weak", "sigmoid", {}, "confidence", "sum_w"),
+    "IPO, human 100 %": ("human_pool", "ipo", {}, "none", "mean"),
+    "CW-IPO": ("weak", "ipo", {}, "confidence", "mean"),
+    "rDPO, human 100 %": ("human_pool", "robust", RDPO, "none", "mean"),
+    "CW-rDPO": ("weak", "robust", RDPO, "confidence", "mean"),
 }
 
 
@@ -100,8 +102,8 @@ def build_world(args, device, log):
     sft_pairs = [{"prompt": p, "chosen": data.world_answer(p, rng)} for p in data.world_prompts(args.sft_examples, seed=1)]
     tok = data.train_tokenizer([p["prompt"] + p["chosen"] for p in sft_pairs], 650, os.path.join(args.out, "tokenizer"))
     paths = {"sft": os.path.join(args.out, "sft"), "weak_base": os.path.join(args.out, "weak_base")}
-    pretrain(paths["sft"], tok, sft_pairs, 4, 128, args, device, log)
-    pretrain(paths["weak_base"], tok, sft_pairs, 2, 64, args, device, log)
+    pretrain(paths["sft"], tok, sft_pairs, 3, 96, args, device, log)
+    pretrain(paths["weak_base"], tok, sft_pairs, 2, 48, args, device, log)
     sft = load_model(paths["sft"], device=device)
     prompts = data.world_prompts(args.pairs + args.eval_prompts, seed=2)
     pool, held_out = prompts[:args.pairs], prompts[args.pairs:]
@@ -135,10 +137,10 @@ def run_seed(seed, world, args, device, log):
               "annotator_vs_human": np.mean([w["human_agrees"] for w in weak]),
               "human_vs_gold": np.mean([h["gold_margin"] > 0 for h in human if h["gold_margin"]]), "methods": {}}
     sets = {"human_pool": labeled + unlabeled, "labeled": labeled, "weak": weak}
-    for name, (subset, loss, weighting) in METHODS.items():
+    for name, (subset, loss, options, weighting, normalize) in METHODS.items():
         policy = load_model(paths["sft"], device=device)
-        pargs = training_args(paths["sft"], out + "/policy", loss=loss, weighting=weighting, lr=args.lr, beta=args.beta,
-                              epochs=args.epochs, seed=seed, top_fraction=args.labeled_fraction)
+        pargs = training_args(paths["sft"], out + "/policy", loss=loss, loss_options=json.dumps(options), weighting=weighting,
+                              normalize=normalize, lr=args.lr, beta=args.beta, epochs=args.epochs, seed=seed, top_fraction=args.labeled_fraction)
         examples = train_policy.encode_examples(tok, sets[subset], pargs)
         train_policy.add_reference_logps(policy, examples, tok.pad_id, 64, device)
         train_policy.train(policy, examples, tok.pad_id, pargs, device=device, log=log)
@@ -203,8 +205,8 @@ if __name__ == "__main__":
     p.add_argument("--out", default="runs/experiment", help="built-in experiment: output folder")
     p.add_argument("--quick", action="store_true", help="built-in experiment, smaller (about a minute)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=2000, help="candidate pairs sampled from the SFT policy")
-    p.add_argument("--eval-prompts", type=int, default=500)
+    p.add_argument("--pairs", type=int, default=1600, help="candidate pairs sampled from the SFT policy")
+    p.add_argument("--eval-prompts", type=int, default=400)
     p.add_argument("--sft-examples", type=int, default=4000)
     p.add_argument("--sft-epochs", type=int, default=3)
     p.add_argument("--weak-epochs", type=int, default=3)

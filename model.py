@@ -10,7 +10,6 @@ writes the same layout back so that transformers loads what we saved.
     hidden = model(ids, mask, return_hidden=True) # [B, T, d], LM head not applied
 """
 import json
-import math
 import os
 import pathlib
 import tempfile
@@ -48,9 +47,6 @@ class Config:
     o_bias: bool = False
     mlp_bias: bool = False
     proj_dim: int = 0                  # OPT word_embed_proj_dim when != hidden_size
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
     dtype: str = "float32"
     hf: dict = field(default_factory=dict, repr=False)  # the config.json it came from, written back on save
 
@@ -68,10 +64,7 @@ def config_from_hf(hf):
     t = hf.get("model_type")
     g = hf.get
     common = dict(model_type=t, vocab_size=hf["vocab_size"], tie_word_embeddings=g("tie_word_embeddings", t in ("gpt2", "opt")),
-                  bos_token_id=g("bos_token_id"), eos_token_id=g("eos_token_id"), pad_token_id=g("pad_token_id"),
                   dtype=str(g("dtype") or g("torch_dtype") or "float32").replace("torch.", ""), hf=hf)
-    if isinstance(common["eos_token_id"], list):
-        common["eos_token_id"] = common["eos_token_id"][0]
     if t == "gpt2":
         if g("scale_attn_by_inverse_layer_idx") or g("reorder_and_upcast_attn"):
             raise ValueError("config.json: GPT-2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported")
@@ -204,6 +197,8 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         cfg = self.config
+        if attention_mask is not None and cache is None and not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+            attention_mask = None  # right padding: causal attention alone keeps real tokens from pads (and allows flash)
         if attention_mask is None:
             pos = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
             mask = None if cache is None else torch.ones(B, 1, T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
@@ -461,7 +456,8 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, to
     cache = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.n_layer)]
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model(ids, mask[:, :P], cache=cache, start=0)[:, -1]
+    # project only the last position: [B, P, V] logits of a long prompt at a 150k vocabulary would not fit
+    logits = model.lm_head(model(ids, mask[:, :P], return_hidden=True, cache=cache, start=0)[:, -1])
     for t in range(max_new_tokens):
         logits = logits.float()
         if temperature == 0:

@@ -51,12 +51,14 @@ def pair_weights(pairs, weighting, top_fraction):
 
 
 @torch.no_grad()
-def add_reference_logps(model, examples, pad_id, batch_size, device):
-    """Store the starting model's summed log-probs in each example ("ref_chosen_logps", "ref_rejected_logps")."""
+def add_reference_logps(model, examples, pad_id, batch_size, device, ld_alpha=None):
+    """Store the starting model's summed log-probs in each example ("ref_chosen_logps", "ref_rejected_logps");
+    ld_alpha as the loss uses it (LD-DPO weights the reference's tokens the same way)."""
     model.eval()
     for chunk in data.iterate_batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in data.collate(chunk, pad_id).items()}
-        logps = cwpo.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])["logps"]
+        logps = cwpo.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                    ld_alpha=ld_alpha)["logps"]
         chosen, rejected = logps.float().cpu().chunk(2)
         for ex, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
@@ -182,7 +184,7 @@ def main(args):
     if rank == 0:
         print(f"{len(examples)} examples from {args.data}; model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on {device}")
     if args.objective == "preference":
-        add_reference_logps(model, examples, tok.pad_id, args.batch_size, device)
+        add_reference_logps(model, examples, tok.pad_id, args.batch_size, device, json.loads(args.loss_options).get("ld_alpha"))
     train(model, examples, tok.pad_id, args, rank, world, device)
     if rank == 0:
         save_model(model, args.out)
