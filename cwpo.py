@@ -130,7 +130,7 @@ def token_log_sum_sq_probs(hidden, weight, bias=None, chunk_size=DEFAULT_CHUNK_S
 
 
 def ld_weighted_logps(token_logps, mask, ld_alpha):
-    """LD-DPO's length-desensitized log-prob (Liu et al. 2024, arXiv 2409.06411, Eq. 9), as TRL's `ld_alpha`:
+    """LD-DPO's length-desensitized log-prob (Liu et al. 2024, arXiv 2409.06411), as TRL's `ld_alpha`:
     log p = sum of the first l_s answer tokens + ld_alpha * sum of the rest, l_s = min(len chosen, len rejected).
     token_logps, mask [2B, T-1] in the batch layout (rows :B chosen, B: rejected) -> [2B]."""
     position = mask.cumsum(dim=1)  # 1, 2, ... along the answer
@@ -216,7 +216,7 @@ def bt_loss(chosen_scores, rejected_scores, margin=None, center_coef=0.0):
 
 
 def f_divergence_score(logratios, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
-    """f-DPO's implicit reward s(u) = f'(pi / pi_ref) (Wang et al. 2024, arXiv 2309.16240, Table 1):
+    """f-DPO's implicit reward s(u) = f'(pi / pi_ref) (Wang et al. 2024, "Beyond Reverse KL", arXiv 2309.16240):
     reverse_kl: u;  forward_kl: 1 - exp(-u);  js_divergence: log 2 + log sigmoid(u);
     alpha_divergence: (exp((a - 1) u) - 1) / (a - 1), exponent clamped at 80 (as TRL), u for a = 1."""
     if f_divergence_type == "reverse_kl":
@@ -242,7 +242,7 @@ def smoothed_sigmoid_loss(logits, label_smoothing=0.0):
 
 
 def hinge_loss(delta, beta):
-    """SLiC (Zhao et al. 2023, arXiv 2305.10425, Eq. 3): max(0, 1 - beta * delta)."""
+    """SLiC-HF's rank-calibration hinge (Zhao et al. 2023, arXiv 2305.10425): max(0, 1 - beta * delta)."""
     return torch.relu(1 - beta * delta)
 
 
@@ -263,14 +263,14 @@ def exo_pair_loss(delta, beta, label_smoothing):
 
 
 def nca_pair_loss(chosen_logratios, rejected_logratios, beta):
-    """NCA (Chen et al. 2024, arXiv 2402.05369, Eq. 11 for K = 1 pair):
+    """NCA for one pair (Chen et al. 2024, arXiv 2402.05369), as TRL:
     -log sigmoid(beta u+) - 1/2 log sigmoid(-beta u+) - 1/2 log sigmoid(-beta u-)."""
     chosen, rejected = beta * chosen_logratios, beta * rejected_logratios
     return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
 
 
 def robust_loss(delta, beta, label_smoothing):
-    """rDPO (Chowdhury et al. 2024, arXiv 2403.00409, Eq. 7), e the label-flip rate in [0, 0.5):
+    """rDPO (Chowdhury et al. 2024, arXiv 2403.00409), e the label-flip rate in [0, 0.5):
     (-(1 - e) log sigmoid(beta delta) + e log sigmoid(-beta delta)) / (1 - 2e)."""
     z = beta * delta
     return (-(1 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (1 - 2 * label_smoothing)
@@ -327,7 +327,7 @@ def simpo_loss(chosen_logps, rejected_logps, chosen_n, rejected_n, beta, simpo_g
 
 
 def orpo_loss(chosen_logps, rejected_logps, chosen_n, rejected_n, beta):
-    """ORPO (Hong et al. 2024, arXiv 2403.07691, Eqs. 2, 4, 7), beta = lambda, on mean token log-probs l+- :
+    """ORPO (Hong et al. 2024, arXiv 2403.07691, Eqs. 4 and 7), beta = lambda, on mean token log-probs l+- :
     NLL(y+) - beta * log sigmoid(log odds(y+) - log odds(y-)), log odds(y) = l - log(1 - exp(l)).
     The NLL is over the answer tokens (the paper's L_SFT); TRL's ORPOTrainer also counts the prompt tokens."""
     def log_odds(mean_logps):  # l - log(1 - e^l), with log(1 - e^l) computed stably on both sides of -log 2

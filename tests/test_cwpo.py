@@ -118,3 +118,208 @@ def test_kernel_gradcheck():
     targets[2] = cwpo.IGNORE_INDEX
     inputs = (hidden.requires_grad_(), weight.requires_grad_(), b.requires_grad_(), targets, 4)
     assert torch.autograd.gradcheck(cwpo.FusedLogProbs.apply, inputs, eps=1e-6, atol=1e-8)
+
+
+def test_kernel_under_autocast_matches_bf16_naive():
+    """Under CPU bf16 autocast the kernel casts its inputs like autocast's matmul does; fp32 weight grads."""
+    hidden, weight, b, targets = make_inputs(24, 16, 100, torch.float32, seed=5)
+    grads = []
+    for fn in (lambda h, w: cwpo.token_logps(h, w, targets, chunk_size=7),
+               lambda h, w: naive_token_logps(h, w, targets)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(h, w)
+        out.sum().backward()
+        grads.append((out.detach(), h.grad, w.grad))
+    assert grads[0][0].dtype == torch.float32 and grads[0][2].dtype == torch.float32
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sequence_logps on our model against full logits
+
+
+class TinyLM(torch.nn.Module):
+    """Stands in for model.GPT: embedding -> tanh -> LM head with a bias (to exercise the bias path)."""
+
+    def __init__(self, vocab=30, d=8):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.mix = torch.nn.Linear(d, d)
+        self.lm_head = torch.nn.Linear(d, vocab, bias=True)
+
+    def forward(self, input_ids, attention_mask=None, return_hidden=False):
+        h = torch.tanh(self.mix(self.emb(input_ids).cumsum(dim=1)))  # causal: position t sees tokens <= t
+        return h if return_hidden else self.lm_head(h)
+
+
+def layout_batch(vocab=30, seed=0):
+    """Two pairs in the batch layout, right-padded with 0; the last rejected row has no answer token at all."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [(3, 4), (2, 5), (3, 2), (2, 0)]  # (prompt, answer) per row: chosen rows, then rejected rows
+    T = max(p + a for p, a in lengths)
+    input_ids = torch.zeros(4, T, dtype=torch.long)
+    attention_mask, completion_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
+    for i, (p, a) in enumerate(lengths):
+        input_ids[i, :p + a] = torch.randint(1, vocab, (p + a,), generator=gen)
+        attention_mask[i, :p + a] = 1
+        completion_mask[i, p:p + a] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+            "weight": torch.tensor([0.3, 0.9])}
+
+
+def naive_sequence_logps(lm, batch):
+    logits = lm(batch["input_ids"], batch["attention_mask"]).double()
+    per_token = logits[:, :-1].log_softmax(-1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
+    return per_token * batch["completion_mask"][:, 1:]
+
+
+def test_sequence_logps_matches_full_logits():
+    torch.manual_seed(0)
+    lm, batch = TinyLM().double(), layout_batch()
+    out = cwpo.sequence_logps(lm, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size=3)
+    ref = naive_sequence_logps(lm, batch)
+    torch.testing.assert_close(out["token_logps"], ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out["logps"], ref.sum(dim=1), rtol=1e-10, atol=1e-10)
+    assert out["n_tokens"].tolist() == [4, 5, 2, 0] and out["logps"][3] == 0  # a row without answer tokens
+    grads = torch.autograd.grad(out["logps"].sum(), list(lm.parameters()))
+    ref_grads = torch.autograd.grad(ref.sum(), list(lm.parameters()))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_ld_alpha_and_wpo_weights_match_naive_loops():
+    torch.manual_seed(1)
+    lm, batch = TinyLM().double(), layout_batch()
+    out = cwpo.sequence_logps(lm, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                              ld_alpha=0.25, wpo=True)
+    per_token = naive_sequence_logps(lm, batch)
+    mask = batch["completion_mask"][:, 1:].bool()
+    logits = lm(batch["input_ids"])[:, :-1].double()
+    for row in range(4):
+        pair_row = (row + 2) % 4
+        shared = min(int(mask[row].sum()), int(mask[pair_row].sum()))
+        answer = per_token[row][mask[row]]
+        assert out["logps"][row].item() == pytest.approx((answer[:shared].sum() + 0.25 * answer[shared:].sum()).item())
+        log_sum_sq = torch.logsumexp(2 * logits[row].log_softmax(-1), dim=-1)[mask[row]]  # log sum_v p_v^2
+        expected = torch.exp((answer - log_sum_sq).mean()) if len(answer) else torch.tensor(1.0)
+        assert out["wpo_weights"][row].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Confidence, selection, Bradley-Terry, weighting
+
+
+def test_confidence_is_rescaled_bt_probability():
+    score_a, score_b = torch.tensor([2.0, -1.0, 0.5, 3.0]), torch.tensor([0.5, 1.0, 0.5, -3.0])
+    a_wins, c = cwpo.confidence(score_a, score_b)
+    assert a_wins.tolist() == [True, False, True, True]
+    for sa, sb, ci in zip(score_a.tolist(), score_b.tolist(), c.tolist()):
+        p_label = 1 / (1 + math.exp(-abs(sa - sb)))  # BT probability of the weak label, in [0.5, 1)
+        assert ci == pytest.approx(2 * (p_label - 0.5), abs=1e-7)
+    assert c[2] == 0 and 0 <= c.min() and c.max() < 1
+
+
+def test_top_fraction_mask():
+    conf = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.3, 0.7, 0.2, 0.0, 0.6, 0.4])
+    assert cwpo.top_fraction_mask(conf, 0.3).tolist() == [0, 1, 0, 1, 0, 1, 0, 0, 0, 0]
+    assert cwpo.top_fraction_mask(conf, 1.0).sum() == 10 and cwpo.top_fraction_mask(conf, 0.0).sum() == 0
+    assert cwpo.top_fraction_mask(conf, 0.01).tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 0, 0]  # at least one; ties: first
+    with pytest.raises(ValueError, match="fraction"):
+        cwpo.top_fraction_mask(conf, 1.5)
+
+
+def test_bt_loss_matches_formula_and_finite_differences():
+    chosen = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([0.0, 0.5, 2.5], dtype=torch.float64)
+    margin = torch.tensor([0.2, 0.0, -1.0], dtype=torch.float64)
+    losses = cwpo.bt_loss(chosen, rejected, margin, center_coef=0.1)
+    for i in range(3):
+        d = chosen[i].item() - rejected[i].item() - margin[i].item()
+        expected = math.log1p(math.exp(-d)) + 0.1 * (chosen[i].item() + rejected[i].item()) ** 2
+        assert losses[i].item() == pytest.approx(expected, rel=1e-12)
+    assert torch.autograd.gradcheck(lambda c: cwpo.bt_loss(c, rejected, margin, 0.1), (chosen,))
+
+
+def test_weighted_mean_and_learning_rate_scale():
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+    weights = torch.tensor([0.5, 0.5, 0.25, 0.75])
+    assert cwpo.weighted_mean(losses, weights).item() == pytest.approx((0.5 + 1 + 0.75 + 3) / 4)
+    assert cwpo.weighted_mean(losses, weights, "sum_w").item() == pytest.approx((0.5 + 1 + 0.75 + 3) / 2)
+    # "mean" scales the gradient by mean(w) relative to "sum_w" (the learning-rate remark of the docstring)
+    g_mean = torch.autograd.grad(cwpo.weighted_mean(losses, weights), losses)[0]
+    g_sum_w = torch.autograd.grad(cwpo.weighted_mean(losses, weights, "sum_w"), losses)[0]
+    torch.testing.assert_close(g_mean, weights.mean() * g_sum_w)
+    assert cwpo.weighted_mean(losses, torch.zeros(4), "sum_w").item() == 0  # all-zero top-N batch: 0, not NaN
+    with pytest.raises(ValueError, match="sum_w"):
+        cwpo.weighted_mean(losses, weights, "median")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses that TRL's DPOTrainer does not have, and errors
+
+
+def pair_logps(seed=0, n=5):
+    gen = torch.Generator().manual_seed(seed)
+    return [-10 * torch.rand(n, generator=gen, dtype=torch.float64) for _ in range(4)]
+
+
+def test_cdpo_is_conservative_dpo():
+    """cDPO (the original DPO code's label_smoothing): -(1-e) log s(b d) - e log s(-b d), d the DPO margin."""
+    chosen, rejected, ref_chosen, ref_rejected = pair_logps()
+    delta = (chosen - ref_chosen) - (rejected - ref_rejected)
+    ours = cwpo.preference_loss("sigmoid", chosen, rejected, ref_chosen, ref_rejected, beta=0.3, cdpo=0.2)
+    sig = lambda x: 1 / (1 + torch.exp(-x))  # noqa: E731
+    expected = -0.8 * torch.log(sig(0.3 * delta)) - 0.2 * torch.log(sig(-0.3 * delta))
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    plain = cwpo.preference_loss("sigmoid", chosen, rejected, ref_chosen, ref_rejected, beta=0.3)
+    torch.testing.assert_close(plain, -torch.log(sig(0.3 * delta)), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_free_dpo_is_cpo_without_nll():
+    chosen, rejected, _, _ = pair_logps(1)
+    n = torch.tensor([3, 4, 5, 6, 7])
+    free = cwpo.preference_loss("sigmoid", chosen, rejected, None, None, beta=0.5)
+    cpo = cwpo.preference_loss("cpo", chosen, rejected, beta=0.5, chosen_n_tokens=n, rejected_n_tokens=n, cpo_alpha=0)
+    torch.testing.assert_close(free, cpo)
+
+
+def test_every_loss_type_runs_and_unknown_names_are_clear_errors():
+    chosen, rejected, ref_chosen, ref_rejected = pair_logps(2)
+    n = torch.tensor([3, 4, 5, 6, 7])
+    for name in cwpo.LOSS_TYPES:
+        losses = cwpo.preference_loss(name, chosen, rejected, ref_chosen, ref_rejected, label_smoothing=0.1,
+                                      chosen_n_tokens=n, rejected_n_tokens=n)
+        assert losses.shape == (5,) and torch.isfinite(losses).all(), name
+    with pytest.raises(ValueError, match="known: sigmoid, hinge, ipo"):
+        cwpo.preference_loss("dpo", chosen, rejected, ref_chosen, ref_rejected)
+    with pytest.raises(ValueError, match="chosen_n_tokens"):
+        cwpo.preference_loss("ipo", chosen, rejected, ref_chosen, ref_rejected)
+    with pytest.raises(ValueError, match="only applies to"):
+        cwpo.preference_loss("nca_pair", chosen, rejected, ref_chosen, ref_rejected, f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="unknown f_divergence_type"):
+        cwpo.preference_loss("sigmoid", chosen, rejected, ref_chosen, ref_rejected, f_divergence_type="kl")
+    with pytest.raises(ValueError, match="label_smoothing > 0"):
+        cwpo.preference_loss("exo_pair", chosen, rejected, ref_chosen, ref_rejected)
+    with pytest.raises(TypeError, match="label_smothing"):
+        cwpo.preference_loss("robust", chosen, rejected, ref_chosen, ref_rejected, label_smothing=0.1)
+
+
+def test_batch_loss_weights_and_errors():
+    torch.manual_seed(2)
+    lm, batch = TinyLM(), layout_batch()
+    batch["completion_mask"][3, 1] = 1  # give the second rejected answer one token
+    ref_chosen, ref_rejected = torch.tensor([-9.0, -12.0]), torch.tensor([-6.0, -3.0])
+    loss, metrics = cwpo.batch_loss(lm, batch, ref_chosen, ref_rejected, beta=0.5)
+    with torch.no_grad():
+        logps = naive_sequence_logps(lm, batch).sum(dim=1).float()
+        delta = (logps[:2] - ref_chosen) - (logps[2:] - ref_rejected)
+        expected = (batch["weight"] * -F.logsigmoid(0.5 * delta)).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert metrics["margin"] == pytest.approx(0.5 * delta.mean().item(), rel=1e-5)
+    assert metrics["accuracy"] == (delta > 0).float().mean().item()
+    with pytest.raises(ValueError, match="loss_weights"):
+        cwpo.batch_loss(lm, batch, ref_chosen, ref_rejected, loss_type=["sigmoid", "ipo"], loss_weights=[1.0])
+    with pytest.raises(ValueError, match="aot"):
+        cwpo.batch_loss(lm, batch, ref_chosen, ref_rejected, loss_type="aot", use_weighting=True)
