@@ -9,6 +9,7 @@ is kept in memory. Checkpoints are written atomically to OUT/checkpoint and resu
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 import cwpo
 import data
-from model import atomic_write, load_model, load_tokenizer, save_model
+from model import RewardModel, atomic_write, load_model, load_tokenizer, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
@@ -107,7 +108,8 @@ def train(model, examples, pad_id, args, rank=0, world=1, device=torch.device("c
     state_file, step = os.path.join(args.out, "checkpoint", "train_state.pt"), 0
     if args.resume and os.path.exists(state_file):
         state = torch.load(state_file, weights_only=False)
-        model.load_state_dict(load_model(os.path.join(args.out, "checkpoint"), dtype=torch.float32).state_dict())
+        saved = load_model(os.path.join(args.out, "checkpoint"), dtype=torch.float32, reward=isinstance(model, RewardModel))
+        model.load_state_dict(saved.state_dict())
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         log(f"resumed from {state_file} at step {step}")
@@ -178,13 +180,18 @@ def main(args):
     torch.manual_seed(args.seed)
     if args.loss not in cwpo.LOSS_TYPES and args.objective == "preference":
         raise SystemExit(f"unknown --loss {args.loss!r}; known: {', '.join(cwpo.LOSS_TYPES)}")
+    options = json.loads(args.loss_options) if args.loss_options.strip().startswith("{") else None
+    known = set(inspect.signature(cwpo.preference_loss).parameters) | set(inspect.signature(cwpo.batch_loss).parameters)
+    if options is None or set(options) - known:
+        raise SystemExit(f"--loss-options must be a JSON object of options of cwpo.batch_loss / preference_loss, got {args.loss_options!r}")
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=torch.float32, device=device)
     examples = encode_examples(tok, data.load_pairs(args.data, args.format, skip_bad=args.skip_bad), args)
     if rank == 0:
         print(f"{len(examples)} examples from {args.data}; model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on {device}")
     if args.objective == "preference":
-        add_reference_logps(model, examples, tok.pad_id, args.batch_size, device, json.loads(args.loss_options).get("ld_alpha"))
+        micro_size = max(1, args.batch_size // (world * args.grad_accum))  # what fits in memory for training fits here
+        add_reference_logps(model, examples, tok.pad_id, micro_size, device, json.loads(args.loss_options).get("ld_alpha"))
     train(model, examples, tok.pad_id, args, rank, world, device)
     if rank == 0:
         save_model(model, args.out)
