@@ -41,9 +41,10 @@ class FusedLogProbs(torch.autograd.Function):
 
     The naive version materializes logits [N, V], log-softmax [N, V] and their gradient [N, V] (at V = 151,936
     and N = 4,096 that is 2.5 GB each in fp32). Here forward keeps, per row, only the logsumexp; backward
-    recomputes each chunk's logits and turns them in place into d logp / d logits = grad * (onehot - softmax),
-    then accumulates grad_hidden = dlogits @ W, grad_weight += dlogits.T @ hidden (fp32 accumulators, also for
-    bf16/fp16 inputs; grads are returned in the inputs' dtype). Rows with targets < 0 give 0 and get 0 gradient.
+    recomputes the logits slice by slice of the vocabulary and turns them in place into
+    d logp / d logits = grad * (onehot - softmax), then forms grad_weight[slice] = dlogits.T @ hidden in one GEMM
+    and accumulates grad_hidden += dlogits @ W[slice] (fp32 arithmetic, also for bf16/fp16 inputs; grads are
+    returned in the inputs' dtype). Rows with targets < 0 give 0 and get 0 gradient.
     Inputs: hidden [N, d], weight [V, d], bias [V] or None, targets [N] long, chunk_size int.
     Output: [N] fp32 (fp64 for fp64 inputs).
     """
@@ -72,29 +73,31 @@ class FusedLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logps):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        n_rows, chunk_size = hidden.shape[0], ctx.chunk_size
         acc = lse.dtype
         grad = grad_logps.to(acc) * (targets >= 0)  # [N]; ignored rows get no gradient
-        safe_targets = targets.clamp(min=0)
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
-        for start in range(0, n_rows, chunk_size):
-            end = min(start + chunk_size, n_rows)
-            g = grad[start:end, None]  # [n, 1]
-            # dlogits = g * (onehot - softmax), built in place in the recomputed logits buffer
-            dlogits = _chunk_logits(hidden[start:end], weight, bias).sub_(lse[start:end, None]).exp_().mul_(-g)
-            dlogits.scatter_add_(1, safe_targets[start:end, None], g)
-            if need_hidden:  # each row is written once: one GEMM (fp32 accumulation inside) per chunk
-                torch.mm(dlogits.to(weight.dtype), weight, out=grad_hidden[start:end])
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        # Backward walks the vocabulary in slices of all N rows (as much memory as one forward chunk), so each
+        # slice of grad_weight is one GEMM written once in the weight's dtype: no fp32 [V, d] accumulator.
+        width = max(1, ctx.chunk_size * vocab // max(n_rows, 1))
+        hidden_acc = hidden.to(acc)  # [N, d], small beside [V, d]
+        grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad_bias = torch.empty_like(bias) if need_bias else None
+        for v0 in range(0, vocab, width):
+            v1 = min(v0 + width, vocab)
+            # dlogits = grad * (onehot - softmax), built in place in the recomputed logits [N, v1 - v0]
+            logits = _chunk_logits(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
+            dlogits = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+            rows = ((targets >= v0) & (targets < v1)).nonzero().squeeze(1)
+            dlogits[rows, targets[rows] - v0] += grad[rows]
+            if need_hidden:
+                grad_hidden.addmm_(dlogits, weight[v0:v1].to(acc))
             if need_weight:
-                grad_weight.addmm_(dlogits.t(), hidden[start:end].to(acc))
+                grad_weight[v0:v1] = (dlogits.t() @ hidden_acc).to(weight.dtype)
             if need_bias:
-                grad_bias += dlogits.sum(dim=0)
-            del dlogits
-        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
-        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None
+                grad_bias[v0:v1] = dlogits.sum(dim=0).to(bias.dtype)
+            del logits, dlogits
+        return None if grad_hidden is None else grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None, None
 
 
 def token_logps(hidden, weight, targets, bias=None, chunk_size=DEFAULT_CHUNK_SIZE):
