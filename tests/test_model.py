@@ -197,3 +197,16 @@ def test_tokenizer_json_and_vocab_merges_fallback(tmp_path):
     gpt2_style = load_tokenizer(str(tmp_path / "b"))
     assert gpt2_style.encode(text).ids == [1] + tok.encode(text).ids
     assert gpt2_style.decode(tok.encode(text).ids) == text
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pair):
+    _, _, path, _ = pair
+    ids, mask = left_padded_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(path).train()
+        model.grad_checkpointing = checkpointing
+        model(ids, mask).float().logsumexp(-1)[mask.bool()].sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
