@@ -1,8 +1,8 @@
 """Benchmark: one DPO training step, TRL 1.16's DPOTrainer against ours, same weights, same batch (issue 5).
 
-    python bench/bench_dpo_step.py                                  # the full default run (CPU, fp32, both V, ~7 min)
-    python bench/bench_dpo_step.py --vocab 49152 --steps 3 --warmup 1 --json /tmp/dpo_step.json
-    python bench/bench_dpo_step.py --preset qwen2.5-0.5b --device cuda --dtype bfloat16   # on a GPU
+    python bench/bench_dpo_step.py --json dpo_step.json   # the full default run (CPU, fp32, both V; ~3 min on 2 idle cores)
+    python bench/bench_dpo_step.py --vocab 49152 --steps 3 --warmup 1
+    python bench/bench_dpo_step.py --preset qwen2.5-0.5b --vocab 151936 --device cuda --dtype bfloat16   # on a GPU
 
 What is built (in the parent process, once per vocabulary size):
   model   a random decoder made by transformers (LlamaForCausalLM; Qwen2ForCausalLM for --preset qwen2.5-0.5b),
@@ -34,7 +34,7 @@ Per variant:
   loss        the loss at step 0 (log 2 in every variant: policy = reference) and at the last step; the largest
               difference from ours over all steps is printed: it proves the same computation is timed
               (same weights, batch, gradients, clipping, optimizer and schedule).
-  s/step      median wall time per optimizer step after --warmup steps (TRL: between consecutive on_step_end
+  s/step      median (and min) wall time per optimizer step after --warmup steps (TRL: between consecutive on_step_end
               callbacks; ours: between consecutive log records of train, --log-every 1). A step is everything the
               training loop does: batch collation, forward, backward, clipping, AdamW, scheduler.
   tokens/s    tokens through the policy per step (2 x pairs x (prompt + completion)) / s/step.
@@ -51,7 +51,10 @@ Per variant:
                         positions, with Triton (CUDA) only the completion ones (trl.trainer.utils.add_fused_lm_head)
                 ref     trl_ref also runs the reference forward each step: body/3 + 2 x d x V x projected positions
               "useful" FLOP/s counts the same work for every variant (body + head on the completion positions, no
-              reference), so its ratio is the speed ratio.
+              reference), so its ratio is the speed ratio. The useful FLOPs at the matmul rate give the shortest step
+              this machine allows, printed with the largest speed-up over TRL's best it would mean.
+Peak RSS with MALLOC_MMAP_MAX_=0 follows the heap's high-water mark, fragmentation included: it moves by
+~0.1-0.3 GB between runs of the same code at V = 151,936; compare ratios, and rerun before trusting a small change.
 """
 
 import argparse
@@ -337,10 +340,11 @@ def summarize(args, vocab, result, flops, matmul, ours_losses):
     step_s = statistics.median(timed)
     counted = flops[result["variant"]]
     diffs = [abs(a - b) for a, b in zip(result["losses"], ours_losses)]
-    return {**result, "vocab": vocab, "step_s": step_s, "timed_steps": len(timed),
+    return {**result, "vocab": vocab, "step_s": step_s, "min_step_s": min(timed), "timed_steps": len(timed),
             "tokens_per_s": flops["tokens"] / step_s, "flops_per_step": counted, "flop_per_s": counted / step_s,
             "matmul_fraction": counted / step_s / matmul["flop_per_s"],
-            "useful_flop_per_s": flops["useful"] / step_s,
+            "useful_flop_per_s": flops["useful"] / step_s, "matmul_flop_per_s": matmul["flop_per_s"],
+            "useful_flops": flops["useful"],
             "useful_matmul_fraction": flops["useful"] / step_s / matmul["flop_per_s"],
             "loss_step0": result["losses"][0], "loss_last": result["losses"][-1],
             "max_loss_diff_vs_ours": max(diffs) if diffs else None}
@@ -349,13 +353,13 @@ def summarize(args, vocab, result, flops, matmul, ours_losses):
 def format_table(rows, device):
     cuda = device.startswith("cuda")
     mem = "CUDA peak GB" if cuda else "peak RSS GB"
-    head = (f"{'V':>7} | {'variant':<14} | {'loss@0':>8} | {'loss@last':>9} | {'|dloss| max':>11} | {'s/step':>7} | "
+    head = (f"{'V':>7} | {'variant':<14} | {'loss@0':>8} | {'loss@last':>9} | {'|dloss| max':>11} | {'s/step':>7} | {'min s':>6} | "
             f"{'tokens/s':>8} | {mem:>12} | {'GFLOP/step':>10} | {'GFLOP/s':>7} | {'% matmul':>8} | {'% useful':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = r["cuda_peak_bytes"] if cuda else r["peak_rss_bytes"]
         lines.append(f"{r['vocab']:>7} | {r['variant']:<14} | {r['loss_step0']:>8.5f} | {r['loss_last']:>9.5f} | "
-                     f"{r['max_loss_diff_vs_ours']:>11.1e} | {r['step_s']:>7.3f} | {r['tokens_per_s']:>8.0f} | "
+                     f"{r['max_loss_diff_vs_ours']:>11.1e} | {r['step_s']:>7.3f} | {r['min_step_s']:>6.3f} | {r['tokens_per_s']:>8.0f} | "
                      f"{peak / 1e9:>12.2f} | {r['flops_per_step'] / 1e9:>10.1f} | {r['flop_per_s'] / 1e9:>7.1f} | "
                      f"{100 * r['matmul_fraction']:>7.1f}% | {100 * r['useful_matmul_fraction']:>7.1f}%")
     return "\n".join(lines)
@@ -371,6 +375,11 @@ def ratio_lines(rows, device):
             continue
         ours = by["ours"]
         trl = [by[v] for v in ("trl_ref", "trl_precompute") if v in by]
+        bound = ours["useful_flops"] / ours["matmul_flop_per_s"]
+        line = f"V={vocab}: matmul-bound step (useful FLOPs at the matmul rate) {bound:.3f} s"
+        if trl:
+            line += f" -> at most {min(t['step_s'] for t in trl) / bound:.2f}x faster than TRL's best"
+        lines.append(line)
         for t in trl:
             lines.append(f"V={vocab}: ours / {t['variant']}: time {ours['step_s'] / t['step_s']:.3f} "
                          f"(speed-up {t['step_s'] / ours['step_s']:.2f}x), peak memory {ours[key] / t[key]:.3f}")
@@ -446,9 +455,10 @@ def main(args):
             for variant in ["ours"] + [v for v in args.variants if v != "ours"]:  # ours first: the losses to compare
                 results[variant] = spawn(args, variant, work, vocab)
                 r = results[variant]
+                optimizer = f", TRL optim {r['optim'].split('.')[-1].lower()}" if "optim" in r else ""
                 print(f"  {variant}: {statistics.median(r['step_times_s'][args.warmup:]):.3f} s/step, peak RSS "
                       f"{r['peak_rss_bytes'] / 1e9:.2f} GB, losses {' '.join(f'{x:.5f}' for x in r['losses'])} "
-                      f"({r['wall_s']:.0f} s wall)", flush=True)
+                      f"({r['wall_s']:.0f} s wall{optimizer})", flush=True)
             for variant in VARIANTS:
                 if variant in results and variant in args.variants:
                     rows.append(summarize(args, vocab, results[variant], flops, matmul, results["ours"]["losses"]))
@@ -482,9 +492,9 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=4, help="preference pairs per optimizer step")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--completion-len", type=int, default=64, help="completion tokens, the EOS included")
-    p.add_argument("--steps", type=int, default=7, help="optimizer steps per variant")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and OMP/MKL_NUM_THREADS of the children")
