@@ -142,7 +142,7 @@ def run_seed(seed, world, args, device, log):
         pargs = training_args(paths["sft"], out + "/policy", loss=loss, loss_options=json.dumps(options), weighting=weighting,
                               normalize=normalize, lr=args.lr, beta=args.beta, epochs=args.epochs, seed=seed, top_fraction=args.labeled_fraction)
         examples = train_policy.encode_examples(tok, sets[subset], pargs)
-        train_policy.add_reference_logps(policy, examples, tok.pad_id, 64, device)
+        train_policy.add_reference_logps(policy, examples, tok.pad_id, 64, device, bf16=pargs.bf16)
         train_policy.train(policy, examples, tok.pad_id, pargs, device=device, log=log)
         rewards = [data.gold_reward(p, x) for p, x in zip(held_out, generate_answers(policy, tok, held_out))]
         result["methods"][name] = dict(win_rate(rewards, sft_rewards, seed=seed), mean_reward=float(np.mean(rewards)), pairs=len(examples))

@@ -52,14 +52,15 @@ def pair_weights(pairs, weighting, top_fraction):
 
 
 @torch.no_grad()
-def add_reference_logps(model, examples, pad_id, batch_size, device, ld_alpha=None):
-    """Store the starting model's summed log-probs in each example ("ref_chosen_logps", "ref_rejected_logps");
-    ld_alpha as the loss uses it (LD-DPO weights the reference's tokens the same way)."""
+def add_reference_logps(model, examples, pad_id, batch_size, device, ld_alpha=None, bf16=False):
+    """Store the starting model's summed log-probs in each example ("ref_chosen_logps", "ref_rejected_logps"),
+    computed as the policy's are in training (ld_alpha, bf16 autocast on CUDA), so that the first step's log-ratios are 0."""
     model.eval()
     for chunk in data.iterate_batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in data.collate(chunk, pad_id).items()}
-        logps = cwpo.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                    ld_alpha=ld_alpha)["logps"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+            logps = cwpo.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                        ld_alpha=ld_alpha)["logps"]
         chosen, rejected = logps.float().cpu().chunk(2)
         for ex, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
@@ -102,7 +103,8 @@ def train(model, examples, pad_id, args, rank=0, world=1, device=torch.device("c
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
     net = ddp or model
     model.grad_checkpointing = args.grad_checkpointing
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    # fused: one kernel over all parameters, no per-tensor temporaries (about 5x faster than foreach on CPU)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = args.max_steps or steps_per_epoch * args.epochs
     state_file, step = os.path.join(args.out, "checkpoint", "train_state.pt"), 0
@@ -191,7 +193,7 @@ def main(args):
         print(f"{len(examples)} examples from {args.data}; model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on {device}")
     if args.objective == "preference":
         micro_size = max(1, args.batch_size // (world * args.grad_accum))  # what fits in memory for training fits here
-        add_reference_logps(model, examples, tok.pad_id, micro_size, device, json.loads(args.loss_options).get("ld_alpha"))
+        add_reference_logps(model, examples, tok.pad_id, micro_size, device, options.get("ld_alpha"), args.bf16)
     train(model, examples, tok.pad_id, args, rank, world, device)
     if rank == 0:
         save_model(model, args.out)

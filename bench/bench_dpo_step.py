@@ -209,7 +209,7 @@ def run_ours(args, work):
             "--max-grad-norm", str(args.max_grad_norm), "--loss", "sigmoid", "--beta", "0.1", "--log-every", "1",
             "--seed", "0", "--bf16" if args.dtype == "bfloat16" else "--no-bf16"]
     train_args = train_policy.parser().parse_args(argv)
-    train_policy.add_reference_logps(policy, examples, EOS_ID, args.pairs, device)
+    train_policy.add_reference_logps(policy, examples, EOS_ID, args.pairs, device, bf16=train_args.bf16)
     rss_before = read_status_bytes("VmRSS")
     train_policy.train(policy, examples, EOS_ID, train_args, device=device, log=lambda *a: None)
     with open(os.path.join(out, "log.jsonl")) as f:
