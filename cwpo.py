@@ -92,8 +92,10 @@ class FusedLogProbs(torch.autograd.Function):
             dlogits[rows, targets[rows] - v0] += grad[rows]
             if need_hidden:
                 grad_hidden.addmm_(dlogits, weight[v0:v1].to(acc))
-            if need_weight:
-                grad_weight[v0:v1] = (dlogits.t() @ hidden_acc).to(weight.dtype)
+            if need_weight and weight.dtype == acc:  # straight into the gradient, no [slice, d] temporary
+                torch.mm(dlogits.t(), hidden_acc, out=grad_weight[v0:v1])
+            elif need_weight:
+                grad_weight[v0:v1] = dlogits.t() @ hidden_acc  # fp32 product, rounded once to the weight's dtype
             if need_bias:
                 grad_bias[v0:v1] = dlogits.sum(dim=0).to(bias.dtype)
             del logits, dlogits
