@@ -4,8 +4,9 @@ loss on the labeled part, then used to label the unlabeled pairs with its confid
     python train_weak.py --model opt-125m --data hh-rlhf/harmless-base/train.jsonl.gz --labeled-fraction 0.3 --out runs/weak
 
 writes OUT/ (the annotator, a reward checkpoint), and, beside it, OUT/splits/{labeled,human_pool,heldout}.jsonl
-(the human-labeled pairs of each part), OUT/weak_labels.jsonl (the unlabeled pairs as the annotator ranks them,
-with both scores and the confidence) and OUT/report.json (accuracy and calibration on held-out human labels).
+(the human-labeled pairs of each part), OUT/weak_labels.jsonl (the unlabeled pairs, or those of --unlabeled, as
+the annotator ranks them, with both scores and the confidence) and OUT/report.json (accuracy and calibration on
+held-out human labels).
 """
 import argparse
 import json
@@ -93,12 +94,15 @@ def main(args):
     report = annotator_report(confidence.tolist(), a_wins.tolist())  # "chosen" is the human label: a wins = correct
     report["on"] = "heldout" if heldout else "unlabeled (no held-out pairs)"
     print("annotator vs human labels:", json.dumps(report))
-    labels = weak_labels(unlabeled, *score_pairs(rm, tok, unlabeled, args, device))
     for name, records in (("labeled", labeled), ("human_pool", labeled + unlabeled), ("heldout", heldout)):
         write_jsonl(os.path.join(args.out, "splits", f"{name}.jsonl"), records)
+    if args.unlabeled:  # pairs that never had a label: answer_a / answer_b stand in for chosen / rejected
+        unlabeled = [{"prompt": p["prompt"], "chosen": p["answer_a"], "rejected": p["answer_b"]}
+                     for p in data.load_pairs(args.unlabeled, "unlabeled", skip_bad=args.skip_bad)]
+    labels = weak_labels(unlabeled, *score_pairs(rm, tok, unlabeled, args, device))
     write_jsonl(os.path.join(args.out, "weak_labels.jsonl"), labels)
     atomic_write(os.path.join(args.out, "report.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=2)))
-    print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence {confidence.mean():.3f})")
+    print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence {np.mean([l['confidence'] for l in labels]):.3f})")
 
 
 def parser():
@@ -106,6 +110,7 @@ def parser():
     p.set_defaults(objective="bt", lr=1e-5)
     p.add_argument("--labeled-fraction", type=float, default=0.3, help="share of the (non-held-out) pairs whose human label is used")
     p.add_argument("--eval-size", type=float, default=0.1, help="held-out pairs: a fraction (< 1) or a count")
+    p.add_argument("--unlabeled", help="label this file of unlabeled pairs (prompt, answer_a, answer_b) instead of the split's rest")
     return p
 
 

@@ -44,17 +44,21 @@ def test_annotator_learns_an_easy_preference_and_writes_its_files(tiny_world, tm
     pairs = [{"prompt": f"\n\nHuman: question {i}?\n\nAssistant:", "chosen": " Sure! Enjoy!", "rejected": " Ugh, whatever."}
              for i in range(60)]
     (tmp_path / "easy.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    good, bad = " Sure! Enjoy!", " Ugh, whatever."
+    unlabeled = [{"prompt": f"\n\nHuman: new {i}?\n\nAssistant:", "answer_a": (good, bad)[i % 2], "answer_b": (bad, good)[i % 2]}
+                 for i in range(6)]  # the good answer first or second
+    (tmp_path / "unlabeled.jsonl").write_text("".join(json.dumps(p) + "\n" for p in unlabeled))
     out = tmp_path / "weak"
     cmd = [sys.executable, os.path.join(ROOT, "train_weak.py"), "--model", tiny_world["model"], "--data", str(tmp_path / "easy.jsonl"),
            "--out", str(out), "--labeled-fraction", "0.5", "--eval-size", "10", "--epochs", "10", "--batch-size", "8",
-           "--lr", "3e-3", "--log-every", "100"]
+           "--lr", "3e-3", "--log-every", "100", "--unlabeled", str(tmp_path / "unlabeled.jsonl")]
     done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["accuracy"] == 1.0 and report["pairs"] == 10
     labels = [json.loads(line) for line in open(out / "weak_labels.jsonl")]
-    assert len(labels) == 25 and all(l["chosen"] == " Sure! Enjoy!" for l in labels)
-    assert all(0.0 <= l["confidence"] <= 1.0 for l in labels)
+    assert len(labels) == 6 and all(label["chosen"] == good and label["rejected"] == bad for label in labels)
+    assert all(0.0 <= label["confidence"] <= 1.0 for label in labels)
     splits = {name: sum(1 for _ in open(out / "splits" / f"{name}.jsonl")) for name in ("labeled", "human_pool", "heldout")}
     assert splits == {"labeled": 25, "human_pool": 50, "heldout": 10}
     assert os.path.exists(out / "model.safetensors") and not any(f.endswith(".tmp") for f in os.listdir(out))
