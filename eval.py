@@ -50,7 +50,8 @@ def win_rate(policy_rewards, sft_rewards, n_boot=2000, seed=0):
 def judge_scores(judge_path, tok, prompts, answers, device, batch_size=32):
     """Scores of a gold reward checkpoint (any model.py loads, with a scalar head) for each prompt + answer."""
     judge = load_model(judge_path, dtype=torch.float32, device=device, reward=True).eval()
-    judge_tok = load_tokenizer(judge_path) if os.path.exists(os.path.join(judge_path, "tokenizer.json")) else tok
+    has_tokenizer = any(os.path.exists(os.path.join(judge_path, f)) for f in ("tokenizer.json", "vocab.json"))
+    judge_tok = load_tokenizer(judge_path) if has_tokenizer else tok  # a judge may read text with its own tokenizer
     scores = []
     for start in range(0, len(prompts), batch_size):
         seqs = [data.encode_prompt_answer(judge_tok, p, a, 1024, 1024) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
@@ -144,7 +145,7 @@ def run_seed(seed, world, args, device, log):
     for name, (subset, loss, options, weighting, normalize) in METHODS.items():
         policy = load_model(paths["sft"], device=device)
         pargs = training_args(paths["sft"], out + "/policy", loss=loss, loss_options=json.dumps(options), weighting=weighting,
-                              normalize=normalize, lr=args.lr, beta=args.beta, epochs=args.epochs, seed=seed, top_fraction=args.labeled_fraction)
+                              normalize=normalize, lr=args.lr, beta=args.beta, epochs=args.epochs, seed=seed, top_fraction=0.3)
         examples = train_policy.encode_examples(tok, sets[subset], pargs)
         train_policy.add_reference_logps(policy, examples, tok.pad_id, 64, device, bf16=pargs.bf16)
         train_policy.train(policy, examples, tok.pad_id, pargs, device=device, log=log)
