@@ -386,7 +386,7 @@ def main(args):
             out = spawn(args, argv)
             result = json.loads(next(l for l in out.splitlines()[::-1] if l.startswith("RESULT "))[7:])
             if not result["hwm_reset"]:
-                print(f"  note: /proc/self/clear_refs not writable; baseline is VmHWM after the inputs")
+                print("  note: /proc/self/clear_refs not writable; baseline is VmHWM after the inputs")
             faults = result["minor_page_faults_per_timed_pass"]
             print(f"  ... V={vocab} {variant}: {result['time_s']:.3f} s, {result['extra_bytes'] / 1e6:.1f} MB, "
                   f"{faults:.0f} minor page faults per timed pass", file=sys.stderr, flush=True)

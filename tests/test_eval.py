@@ -22,7 +22,6 @@ def test_win_rate_counts_ties_half_and_brackets_the_estimate():
 
 
 def test_gra_command_with_a_reward_checkpoint_judge(tiny_world, tmp_path):
-    import torch
     from model import load_model, save_model
     judge = load_model(tiny_world["model"], reward=True)
     save_model(judge, str(tmp_path / "judge"))
