@@ -90,6 +90,7 @@ def micro_loss(model, micro, pad_id, device, args, scale):
             return (losses * batch["weight"]).sum() * scale, metrics, n_tokens
         ref_chosen = torch.tensor([ex["ref_chosen_logps"] for ex in micro], device=device)
         ref_rejected = torch.tensor([ex["ref_rejected_logps"] for ex in micro], device=device)
+        # "mean" within the micro-batch; train() turns it into --normalize over the global batch via `scale`
         loss, metrics = cwpo.batch_loss(model, batch, ref_chosen, ref_rejected, loss_type=args.loss, beta=args.beta,
                                         normalize="mean", **json.loads(args.loss_options))
     return loss * len(micro) * scale, metrics, n_tokens
