@@ -10,6 +10,7 @@ held-out human labels).
 """
 import argparse
 import json
+import math
 import os
 import pathlib
 
@@ -50,17 +51,25 @@ def weak_labels(pairs, score_a, score_b):
 
 
 def annotator_report(confidence, correct, n_bins=10):
-    """Accuracy of the weak labels overall and within the top 10 / 30 / 50 % most confident, and the expected
-    calibration error of p = (1 + C) / 2 (the BT probability of the weak label) over n_bins equal-width bins."""
+    """How good the weak labels are: accuracy with a 95 % interval (normal approximation), accuracy within the
+    top 10 / 30 / 50 % and the bottom 50 % most confident, and the calibration of p = (1 + C) / 2 (the BT
+    probability of the weak label) over n_bins equal-width bins of [0.5, 1]: per bin its mean p, accuracy and pair
+    count (a reliability diagram), and the expected calibration error sum_b (n_b / n) |mean p_b - accuracy_b|."""
     confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
     order = np.argsort(-confidence, kind="stable")
-    report = {"pairs": len(correct), "accuracy": float(correct.mean())}
+    accuracy = float(correct.mean())
+    half_width = 1.96 * math.sqrt(accuracy * (1 - accuracy) / len(correct))
+    report = {"pairs": len(correct), "accuracy": accuracy, "accuracy_lo": accuracy - half_width,
+              "accuracy_hi": accuracy + half_width}
     for top in (10, 30, 50):
         report[f"accuracy_top{top}"] = float(correct[order[:max(1, round(len(order) * top / 100))]].mean())
+    report["accuracy_bottom50"] = float(correct[order[round(len(order) * 0.5):]].mean()) if len(order) > 1 else accuracy
     p = (1.0 + confidence) / 2.0
     bins = np.minimum(((p - 0.5) * 2 * n_bins).astype(int), n_bins - 1)
-    report["ece"] = float(sum(abs(p[bins == b].mean() - correct[bins == b].mean()) * (bins == b).mean()
-                              for b in range(n_bins) if (bins == b).any()))
+    report["bins"] = [{"p_lo": 0.5 + b / (2 * n_bins), "p_hi": 0.5 + (b + 1) / (2 * n_bins),
+                       "pairs": int((bins == b).sum()), "mean_p": float(p[bins == b].mean()),
+                       "accuracy": float(correct[bins == b].mean())} for b in range(n_bins) if (bins == b).any()]
+    report["ece"] = float(sum(abs(b["mean_p"] - b["accuracy"]) * b["pairs"] / len(p) for b in report["bins"]))
     return report
 
 

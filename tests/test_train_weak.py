@@ -31,13 +31,18 @@ def test_annotator_report_matches_naive_computation():
     report = train_weak.annotator_report(confidence, correct)
     ranked = sorted(zip(confidence, correct), key=lambda t: -t[0])
     assert report["accuracy"] == pytest.approx(correct.mean())
-    assert report["accuracy_top30"] == pytest.approx(np.mean([c for _, c in ranked[:60]]))
-    ece = 0.0
+    for name, part in (("top10", ranked[:20]), ("top30", ranked[:60]), ("top50", ranked[:100]), ("bottom50", ranked[100:])):
+        assert report[f"accuracy_{name}"] == pytest.approx(np.mean([c for _, c in part]))
+    half_width = 1.96 * math.sqrt(correct.mean() * (1 - correct.mean()) / 200)
+    assert (report["accuracy_lo"], report["accuracy_hi"]) == pytest.approx((correct.mean() - half_width, correct.mean() + half_width))
+    ece, bins = 0.0, list(report["bins"])
     for b in range(10):  # bins of p = (1 + C) / 2 over [0.5, 1]
         inside = [(0.5 + c / 2, ok) for c, ok in zip(confidence, correct) if b / 10 <= c < (b + 1) / 10]
         if inside:
             ece += len(inside) / 200 * abs(np.mean([p for p, _ in inside]) - np.mean([ok for _, ok in inside]))
-    assert report["ece"] == pytest.approx(ece)
+            assert {"pairs": len(inside), "mean_p": pytest.approx(np.mean([p for p, _ in inside])),
+                    "accuracy": pytest.approx(np.mean([ok for _, ok in inside]))}.items() <= bins.pop(0).items()
+    assert report["ece"] == pytest.approx(ece) and not bins
 
 
 def test_annotator_learns_an_easy_preference_and_writes_its_files(tiny_world, tmp_path):
