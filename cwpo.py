@@ -1,9 +1,16 @@
-"""Confidence-Weighted Preference Optimization (CW-PO): log-probs, confidence and every pairwise loss.
+"""Confidence-Weighted Preference Optimization (CW-PO): the method in one module.
 
-Everything here is a pure function of tensors (or a torch.autograd.Function) and imports only torch,
-so each piece can be copied alone. Paper: "When Weak LLMs Speak with Confidence, Preference Alignment
-Gets Stronger" (Afzali, Jeon, Brbic; ICLR 2026; arXiv 2603.04968). Loss definitions follow TRL 1.16's
-DPOTrainer, CPOTrainer and ORPOTrainer, and are tested against them in tests/test_cwpo_trl.py.
+Paper: "When Weak LLMs Speak with Confidence, Preference Alignment Gets Stronger" (Afzali, Jeon, Brbic;
+ICLR 2026; arXiv 2603.04968). Reading order, the method first and the machinery last:
+  1. weak labels: `confidence` C = 2 (sigmoid(s+ - s-) - 0.5) of the annotator's label, `top_fraction_mask`
+     (the paper's hard top-N % selection) and `bt_loss` (the Bradley-Terry loss the annotator is trained with);
+  2. CW-PO: `weighted_mean` (the objective E[C * l]) and `batch_loss` (one batch, any loss, per-pair weights);
+  3. the pairwise losses l, one small function each, dispatched by `preference_loss`; their definitions follow
+     TRL 1.16's DPOTrainer, CPOTrainer and ORPOTrainer and are tested against them (tests/test_cwpo_trl.py);
+  4. `sequence_logps`, the one log-prob function every script calls;
+  5. the fused LM head + log-softmax kernel behind it (`FusedLogProbs`, `token_logps`).
+Everything is a pure function of tensors (or a torch.autograd.Function) and imports only torch, so each piece
+can be copied alone.
 
 Batch layout (data.py's collate): input_ids / attention_mask / completion_mask [2B, T], rows 0..B-1
 prompt+chosen and rows B..2B-1 prompt+rejected, right-padded; weight [B] the per-pair weight.
@@ -14,174 +21,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+
 IGNORE_INDEX = -100  # a target id < 0 marks a position that is not scored (log-prob 0, gradient 0)
 # Rows of logits per chunk: [256, V] fp32 is 156 MB at V = 151,936, and M = 256 keeps the GEMMs efficient.
 DEFAULT_CHUNK_SIZE = 256
-
-# ----------------------------------------------------------------------------------------------------
-# Fused LM head + log-softmax + gather, chunked over tokens
-
-
-def _acc_dtype(dtype):
-    """Accumulation dtype: fp64 for fp64 inputs (exact tests), else fp32 (also for bf16 / fp16 inputs)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _chunk_logits(hidden, weight, bias):
-    """Logits [n, V] of one chunk of hidden states [n, d] in the accumulation dtype (matmul in the inputs' dtype,
-    as HF does; CPU has no bf16 x bf16 -> fp32 GEMM output)."""
-    logits = hidden @ weight.t()
-    if bias is not None:
-        logits += bias
-    return logits.to(_acc_dtype(logits.dtype))
-
-
-class FusedLogProbs(torch.autograd.Function):
-    """logps[i] = log softmax(hidden[i] @ weight.T + bias)[targets[i]], never holding more than [chunk_size, V] logits.
-
-    The naive version materializes logits [N, V], log-softmax [N, V] and their gradient [N, V] (at V = 151,936
-    and N = 4,096 that is 2.5 GB each in fp32). Here forward keeps, per row, only the logsumexp; backward
-    recomputes the logits slice by slice of the vocabulary and turns them in place into
-    d logp / d logits = grad * (onehot - softmax), then forms grad_weight[slice] = dlogits.T @ hidden in one GEMM
-    and accumulates grad_hidden += dlogits @ W[slice] (fp32 arithmetic, also for bf16/fp16 inputs; grads are
-    returned in the inputs' dtype). Rows with targets < 0 give 0 and get 0 gradient.
-    Inputs: hidden [N, d], weight [V, d], bias [V] or None, targets [N] long, chunk_size int.
-    Output: [N] fp32 (fp64 for fp64 inputs).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
-        n_rows = hidden.shape[0]
-        valid = targets >= 0
-        safe_targets = targets.clamp(min=0)
-        acc = _acc_dtype(hidden.dtype)
-        lse = torch.empty(n_rows, dtype=acc, device=hidden.device)  # log sum_v exp(logit_v) per row
-        target_logits = torch.empty(n_rows, dtype=acc, device=hidden.device)
-        for start in range(0, n_rows, chunk_size):
-            end = min(start + chunk_size, n_rows)
-            logits = _chunk_logits(hidden[start:end], weight, bias)  # [n, V]
-            target_logits[start:end] = logits.gather(1, safe_targets[start:end, None]).squeeze(1)
-            row_max = logits.amax(dim=1)
-            # logsumexp in place: no second [n, V] temporary
-            lse[start:end] = logits.sub_(row_max[:, None]).exp_().sum(dim=1).log_().add_(row_max)
-            del logits
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size = chunk_size
-        return (target_logits - lse).masked_fill_(~valid, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        acc = lse.dtype
-        grad = grad_logps.to(acc) * (targets >= 0)  # [N]; ignored rows get no gradient
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
-        # Backward walks the vocabulary in slices of all N rows (as much memory as one forward chunk), so each
-        # slice of grad_weight is one GEMM written once in the weight's dtype: no fp32 [V, d] accumulator.
-        width = max(1, ctx.chunk_size * vocab // max(n_rows, 1))
-        hidden_acc = hidden.to(acc)  # [N, d], small beside [V, d]
-        grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
-        grad_weight = torch.empty_like(weight) if need_weight else None
-        grad_bias = torch.empty_like(bias) if need_bias else None
-        for v0 in range(0, vocab, width):
-            v1 = min(v0 + width, vocab)
-            # dlogits = grad * (onehot - softmax), built in place in the recomputed logits [N, v1 - v0]
-            logits = _chunk_logits(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
-            dlogits = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
-            rows = ((targets >= v0) & (targets < v1)).nonzero().squeeze(1)
-            dlogits[rows, targets[rows] - v0] += grad[rows]
-            if need_hidden:
-                grad_hidden.addmm_(dlogits, weight[v0:v1].to(acc))
-            if need_weight and weight.dtype == acc:  # straight into the gradient, no [slice, d] temporary
-                torch.mm(dlogits.t(), hidden_acc, out=grad_weight[v0:v1])
-            elif need_weight:
-                grad_weight[v0:v1] = dlogits.t() @ hidden_acc  # fp32 product, rounded once to the weight's dtype
-            if need_bias:
-                grad_bias[v0:v1] = dlogits.sum(dim=0).to(bias.dtype)
-            del logits, dlogits
-        return None if grad_hidden is None else grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None, None
-
-
-def token_logps(hidden, weight, targets, bias=None, chunk_size=DEFAULT_CHUNK_SIZE):
-    """Per-token log p(targets | hidden) [N] fp32 (fp64 for fp64 inputs) via FusedLogProbs; targets < 0 give 0.
-
-    Under autocast the inputs are cast to the autocast dtype first and the kernel runs with autocast off, so that
-    backward recomputes exactly the logits forward saw.
-    """
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"token_logps: hidden is {hidden.dtype} but the LM head weight is {weight.dtype}")
-    with torch.autocast(device_type, enabled=False):
-        return FusedLogProbs.apply(hidden, weight, bias, targets, chunk_size)
-
-
-@torch.no_grad()
-def token_log_sum_sq_probs(hidden, weight, bias=None, chunk_size=DEFAULT_CHUNK_SIZE):
-    """log sum_v p_v^2 per row [N] fp32, chunked like FusedLogProbs, no gradient: WPO's sampling correction
-    (Zhou et al. 2024, arXiv 2406.11827). log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)."""
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        logits = _chunk_logits(hidden[start:start + chunk_size], weight, bias).float()
-        out[start:start + chunk_size] = torch.logsumexp(2 * logits, dim=1) - 2 * torch.logsumexp(logits, dim=1)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Per-sequence log-probs: the one log-prob function every script calls
-
-
-def ld_weighted_logps(token_logps, mask, ld_alpha):
-    """LD-DPO's length-desensitized log-prob (Liu et al. 2024, arXiv 2409.06411), as TRL's `ld_alpha`:
-    log p = sum of the first l_s answer tokens + ld_alpha * sum of the rest, l_s = min(len chosen, len rejected).
-    token_logps, mask [2B, T-1] in the batch layout (rows :B chosen, B: rejected) -> [2B]."""
-    position = mask.cumsum(dim=1)  # 1, 2, ... along the answer
-    chosen_len, rejected_len = mask.sum(dim=1).chunk(2)
-    shared = torch.minimum(chosen_len, rejected_len).repeat(2)[:, None]
-    scale = torch.where(position <= shared, 1.0, ld_alpha) * mask
-    return (token_logps * scale).sum(dim=1)
-
-
-def sequence_logps(model, input_ids, attention_mask, completion_mask, chunk_size=DEFAULT_CHUNK_SIZE,
-                   ld_alpha=None, wpo=False):
-    """Summed log-probs of the answer tokens of each row, with one forward of `model` over all rows.
-
-    input_ids, attention_mask, completion_mask: [R, T] (R = 2B in the batch layout). Only positions whose next
-    token is an answer token are projected through the LM head (with the fused kernel): prompt positions need
-    no logits. Returns a dict:
-      "logps"       [R] fp32  sum_t log p(y_t | x, y_<t) over answer tokens (LD-weighted when ld_alpha is given,
-                              which needs the 2B pair layout; compute the reference with the same ld_alpha)
-      "token_logps" [R, T-1]  per-token log-probs at position t for token t+1 (0 off the answer)
-      "mask"        [R, T-1]  bool, completion_mask[:, 1:]
-      "n_tokens"    [R]       answer tokens scored (a first-position answer token has no prefix and is not scored)
-      "wpo_weights" [R]       only with wpo=True: exp(mean_t (log p(y_t) - log sum_v p_v^2)), no gradient (WPO Eq. 2)
-    """
-    hidden = model(input_ids, attention_mask, return_hidden=True)  # [R, T, d]
-    lm_head = getattr(model, "module", model).lm_head  # unwrap DistributedDataParallel
-    mask = completion_mask[:, 1:].bool()
-    hidden = hidden[:, :-1][mask]  # [N, d]: only the N positions that predict an answer token
-    flat = token_logps(hidden, lm_head.weight, input_ids[:, 1:][mask], lm_head.bias, chunk_size)
-    per_token = flat.new_zeros(mask.shape).masked_scatter(mask, flat)
-    n_tokens = mask.sum(dim=1)
-    out = {"token_logps": per_token, "mask": mask, "n_tokens": n_tokens, "logps": per_token.sum(dim=1)}
-    if ld_alpha is not None:
-        out["logps"] = ld_weighted_logps(per_token, mask, ld_alpha)
-    if wpo:
-        sq = token_log_sum_sq_probs(hidden.detach(), lm_head.weight.detach(), lm_head.bias, chunk_size)
-        aligned = flat.detach().new_zeros(mask.shape).masked_scatter(mask, flat.detach() - sq)
-        out["wpo_weights"] = torch.exp(aligned.sum(dim=1) / n_tokens.clamp(min=1))
-    return out
-
 
 # ----------------------------------------------------------------------------------------------------
 # Weak labels: confidence, top-N % selection, Bradley-Terry loss
 
 
 def confidence(score_a, score_b):
-    """The weak label and its confidence (PAPER.md step 2): a_wins = s_a >= s_b and
+    """The weak label and its confidence (arXiv 2603.04968, CW-PO's confidence score): a_wins = s_a >= s_b and
     C = 2 * (sigmoid(|s_a - s_b|) - 0.5) in [0, 1), the BT probability of the weak label rescaled from [0.5, 1).
     score_a, score_b [B] -> (a_wins [B] bool, confidence [B] fp32)."""
     score_a, score_b = score_a.float(), score_b.float()
@@ -202,7 +52,7 @@ def top_fraction_mask(confidence, fraction):
 
 
 def bt_loss(chosen_scores, rejected_scores, margin=None, center_coef=0.0):
-    """Bradley-Terry reward-model loss per pair [B] (InstructGPT, Ouyang et al. 2022, Eq. 1; PAPER.md step 1):
+    """Bradley-Terry loss per pair [B], the weak annotator's objective (arXiv 2603.04968; InstructGPT Eq. 1):
         l = -log sigmoid(r+ - r- - margin) + center_coef * (r+ + r-)^2
     margin [B] is Llama 2's per-pair margin (Touvron et al. 2023, Eq. 2); center_coef the reward-centering penalty
     of Eisenstein et al. 2023 (arXiv 2312.09244). Its mean is TRL RewardTrainer's loss (margin,
@@ -211,6 +61,78 @@ def bt_loss(chosen_scores, rejected_scores, margin=None, center_coef=0.0):
     if margin is not None:
         diff = diff - margin
     return -F.logsigmoid(diff) + center_coef * (chosen_scores + rejected_scores) ** 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# CW-PO: per-pair weights on any loss
+
+
+def weighted_mean(losses, weights, normalize="mean"):
+    """CW-PO's objective (arXiv 2603.04968): L = mean_i(w_i * l_i), w_i the annotator's confidence C_i (CW-PO),
+    all ones (standard training) or a 0/1 top-N % mask. normalize="sum_w" gives sum_i(w_i l_i) / sum_i(w_i), and
+    "sum" the plain sum_i(w_i l_i), for a trainer that divides once over a batch split into micro-batches.
+
+    Learning rate: with "mean" the gradient is mean(w) times that of a w-weighted average of the per-pair
+    gradients, so weights averaging ~0.5 (typical confidences) act like halving the learning rate compared with
+    standard DPO at w = 1, and a 30 % top-N mask like dividing it by ~3. "sum_w" normalizes that away: only the
+    relative weights matter, as with hard selection. With "mean" a pair's weight is absolute (a pair with C = 0.1
+    moves the model 10x less than one with C = 1 whatever the rest of the batch); with "sum_w" it depends on the
+    batch, and the effective learning rate of a batch of uncertain pairs is the same as for confident ones.
+    """
+    weighted = weights * losses
+    if normalize == "mean":
+        return weighted.mean()
+    if normalize == "sum_w":  # an all-zero batch gives 0, not NaN
+        return weighted.sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
+    if normalize == "sum":
+        return weighted.sum()
+    raise ValueError(f"unknown normalize {normalize!r}; known: mean, sum_w, sum")
+
+
+def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="sigmoid", beta=0.1, normalize="mean",
+               loss_weights=None, ld_alpha=None, use_weighting=False, chunk_size=DEFAULT_CHUNK_SIZE, **options):
+    """Weighted preference loss of one batch in the batch layout -> (loss scalar, metrics dict of floats).
+
+    One forward of the policy over all 2B rows. ref_*_logps [B]: the reference's summed answer log-probs
+    (sequence_logps under no_grad, with the same ld_alpha), or None for a reference-free loss.
+    loss_type: a name of LOSS_TYPES or a list of them, combined as sum_k loss_weights[k] * loss_k (TRL's
+    loss_type list). ld_alpha: LD-DPO's weight of the answer tokens beyond the shorter answer's length.
+    use_weighting: WPO's per-pair factor w(y+) w(y-) (Zhou et al. 2024, Eq. 2; no gradient through it).
+    batch["weight"] [B]: the CW-PO weights, combined by weighted_mean(..., normalize). Other keyword options go to
+    preference_loss. aot / aot_unpaired sort pairs against each other, so they take no per-pair weights.
+    """
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    loss_weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
+    if len(loss_weights) != len(names):
+        raise ValueError(f"{len(loss_weights)} loss_weights for {len(names)} loss types {names}")
+    weights = batch["weight"]
+    if {"aot", "aot_unpaired"} & set(names) and (use_weighting or bool((weights != weights[0]).any())):
+        raise ValueError("aot / aot_unpaired sort pairs across the batch: per-pair weights (CW-PO, top-N, WPO) "
+                         "cannot follow their pair; use equal weights")
+    out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                         chunk_size, ld_alpha, use_weighting)
+    chosen, rejected = out["logps"].chunk(2)
+    n_chosen, n_rejected = out["n_tokens"].chunk(2)
+    losses = 0.0
+    for name, loss_weight in zip(names, loss_weights):
+        pair_chosen = chosen
+        if name == "sft" and ld_alpha is not None:  # TRL's "sft" is the plain NLL, even when ld_alpha is set
+            pair_chosen = out["token_logps"][:len(chosen)].sum(dim=1)
+        losses = losses + loss_weight * preference_loss(
+            name, pair_chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta,
+            chosen_n_tokens=n_chosen, rejected_n_tokens=n_rejected, **options)
+    if use_weighting:
+        wpo_chosen, wpo_rejected = out["wpo_weights"].chunk(2)
+        losses = losses * wpo_chosen * wpo_rejected
+    loss = weighted_mean(losses, weights.to(losses.dtype), normalize)
+
+    with torch.no_grad():  # DPO's implicit rewards beta * log(pi / pi_ref) (beta * log pi without a reference)
+        chosen_rewards = beta * (chosen - (0 if ref_chosen_logps is None else ref_chosen_logps))
+        rejected_rewards = beta * (rejected - (0 if ref_rejected_logps is None else ref_rejected_logps))
+        metrics = {"accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+                   "margin": (chosen_rewards - rejected_rewards).mean().item(),
+                   "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item()}
+    return loss, metrics
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,69 +339,160 @@ def preference_loss(loss_type, chosen_logps, rejected_logps, ref_chosen_logps=No
 
 
 # ----------------------------------------------------------------------------------------------------
-# CW-PO: per-pair weights on any loss
+# Per-sequence log-probs: the one log-prob function every script calls
 
 
-def weighted_mean(losses, weights, normalize="mean"):
-    """CW-PO's objective (PAPER.md step 3): L = mean_i(w_i * l_i), w_i the annotator's confidence C_i (CW-PO),
-    all ones (standard training) or a 0/1 top-N % mask. normalize="sum_w" gives sum_i(w_i l_i) / sum_i(w_i).
+def ld_weighted_logps(token_logps, mask, ld_alpha):
+    """LD-DPO's length-desensitized log-prob (Liu et al. 2024, arXiv 2409.06411), as TRL's `ld_alpha`:
+    log p = sum of the first l_s answer tokens + ld_alpha * sum of the rest, l_s = min(len chosen, len rejected).
+    token_logps, mask [2B, T-1] in the batch layout (rows :B chosen, B: rejected) -> [2B]."""
+    position = mask.cumsum(dim=1)  # 1, 2, ... along the answer
+    chosen_len, rejected_len = mask.sum(dim=1).chunk(2)
+    shared = torch.minimum(chosen_len, rejected_len).repeat(2)[:, None]
+    scale = torch.where(position <= shared, 1.0, ld_alpha) * mask
+    return (token_logps * scale).sum(dim=1)
 
-    Learning rate: with "mean" the gradient is mean(w) times that of a w-weighted average of the per-pair
-    gradients, so weights averaging ~0.5 (typical confidences) act like halving the learning rate compared with
-    standard DPO at w = 1, and a 30 % top-N mask like dividing it by ~3. "sum_w" normalizes that away: only the
-    relative weights matter, as with hard selection. With "mean" a pair's weight is absolute (a pair with C = 0.1
-    moves the model 10x less than one with C = 1 whatever the rest of the batch); with "sum_w" it depends on the
-    batch, and the effective learning rate of a batch of uncertain pairs is the same as for confident ones.
+
+def sequence_logps(model, input_ids, attention_mask, completion_mask, chunk_size=DEFAULT_CHUNK_SIZE,
+                   ld_alpha=None, wpo=False):
+    """Summed log-probs of the answer tokens of each row, with one forward of `model` over all rows.
+
+    input_ids, attention_mask, completion_mask: [R, T] (R = 2B in the batch layout). Only positions whose next
+    token is an answer token are projected through the LM head (with the fused kernel): prompt positions need
+    no logits. Returns a dict:
+      "logps"       [R] fp32  sum_t log p(y_t | x, y_<t) over answer tokens (LD-weighted when ld_alpha is given,
+                              which needs the 2B pair layout; compute the reference with the same ld_alpha)
+      "token_logps" [R, T-1]  per-token log-probs at position t for token t+1 (0 off the answer)
+      "mask"        [R, T-1]  bool, completion_mask[:, 1:]
+      "n_tokens"    [R]       answer tokens scored (a first-position answer token has no prefix and is not scored)
+      "wpo_weights" [R]       only with wpo=True: exp(mean_t (log p(y_t) - log sum_v p_v^2)), no gradient (WPO Eq. 2)
     """
-    weighted = weights * losses
-    if normalize == "mean":
-        return weighted.mean()
-    if normalize == "sum_w":  # an all-zero batch gives 0, not NaN
-        return weighted.sum() / weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
-    raise ValueError(f"unknown normalize {normalize!r}; known: mean, sum_w")
+    hidden = model(input_ids, attention_mask, return_hidden=True)  # [R, T, d]
+    lm_head = getattr(model, "module", model).lm_head  # unwrap DistributedDataParallel
+    mask = completion_mask[:, 1:].bool()
+    hidden = hidden[:, :-1][mask]  # [N, d]: only the N positions that predict an answer token
+    flat = token_logps(hidden, lm_head.weight, input_ids[:, 1:][mask], lm_head.bias, chunk_size)
+    per_token = flat.new_zeros(mask.shape).masked_scatter(mask, flat)
+    n_tokens = mask.sum(dim=1)
+    out = {"token_logps": per_token, "mask": mask, "n_tokens": n_tokens, "logps": per_token.sum(dim=1)}
+    if ld_alpha is not None:
+        out["logps"] = ld_weighted_logps(per_token, mask, ld_alpha)
+    if wpo:
+        sq = token_log_sum_sq_probs(hidden.detach(), lm_head.weight.detach(), lm_head.bias, chunk_size)
+        aligned = flat.detach().new_zeros(mask.shape).masked_scatter(mask, flat.detach() - sq)
+        out["wpo_weights"] = torch.exp(aligned.sum(dim=1) / n_tokens.clamp(min=1))
+    return out
 
 
-def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="sigmoid", beta=0.1, normalize="mean",
-               loss_weights=None, ld_alpha=None, use_weighting=False, chunk_size=DEFAULT_CHUNK_SIZE, **options):
-    """Weighted preference loss of one batch in the batch layout -> (loss scalar, metrics dict of floats).
+# ----------------------------------------------------------------------------------------------------
+# Fused LM head + log-softmax + gather, chunked over tokens
 
-    One forward of the policy over all 2B rows. ref_*_logps [B]: the reference's summed answer log-probs
-    (sequence_logps under no_grad, with the same ld_alpha), or None for a reference-free loss.
-    loss_type: a name of LOSS_TYPES or a list of them, combined as sum_k loss_weights[k] * loss_k (TRL's
-    loss_type list). ld_alpha: LD-DPO's weight of the answer tokens beyond the shorter answer's length.
-    use_weighting: WPO's per-pair factor w(y+) w(y-) (Zhou et al. 2024, Eq. 2; no gradient through it).
-    batch["weight"] [B]: the CW-PO weights, combined by weighted_mean(..., normalize). Other keyword options go to
-    preference_loss. aot / aot_unpaired sort pairs against each other, so they take no per-pair weights.
+
+def _acc_dtype(dtype):
+    """Accumulation dtype: fp64 for fp64 inputs (exact tests), else fp32 (also for bf16 / fp16 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(hidden, weight, bias):
+    """Logits [n, V] of one chunk of hidden states [n, d] in the accumulation dtype (matmul in the inputs' dtype,
+    as HF does; CPU has no bf16 x bf16 -> fp32 GEMM output)."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits += bias
+    return logits.to(_acc_dtype(logits.dtype))
+
+
+class FusedLogProbs(torch.autograd.Function):
+    """logps[i] = log softmax(hidden[i] @ weight.T + bias)[targets[i]], never holding more than [chunk_size, V] logits.
+
+    The naive version materializes logits [N, V], log-softmax [N, V] and their gradient [N, V] (at V = 151,936
+    and N = 4,096 that is 2.5 GB each in fp32). Here forward keeps, per row, only the logsumexp; backward
+    recomputes the logits slice by slice of the vocabulary and turns them in place into
+    d logp / d logits = grad * (onehot - softmax), then forms grad_weight[slice] = dlogits.T @ hidden in one GEMM
+    and accumulates grad_hidden += dlogits @ W[slice] (fp32 arithmetic, also for bf16/fp16 inputs; grads are
+    returned in the inputs' dtype). Rows with targets < 0 give 0 and get 0 gradient.
+    Inputs: hidden [N, d], weight [V, d], bias [V] or None, targets [N] long, chunk_size int.
+    Output: [N] fp32 (fp64 for fp64 inputs).
     """
-    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    loss_weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
-    if len(loss_weights) != len(names):
-        raise ValueError(f"{len(loss_weights)} loss_weights for {len(names)} loss types {names}")
-    weights = batch["weight"]
-    if {"aot", "aot_unpaired"} & set(names) and (use_weighting or bool((weights != weights[0]).any())):
-        raise ValueError("aot / aot_unpaired sort pairs across the batch: per-pair weights (CW-PO, top-N, WPO) "
-                         "cannot follow their pair; use equal weights")
-    out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                         chunk_size, ld_alpha, use_weighting)
-    chosen, rejected = out["logps"].chunk(2)
-    n_chosen, n_rejected = out["n_tokens"].chunk(2)
-    losses = 0.0
-    for name, loss_weight in zip(names, loss_weights):
-        pair_chosen = chosen
-        if name == "sft" and ld_alpha is not None:  # TRL's "sft" is the plain NLL, even when ld_alpha is set
-            pair_chosen = out["token_logps"][:len(chosen)].sum(dim=1)
-        losses = losses + loss_weight * preference_loss(
-            name, pair_chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta,
-            chosen_n_tokens=n_chosen, rejected_n_tokens=n_rejected, **options)
-    if use_weighting:
-        wpo_chosen, wpo_rejected = out["wpo_weights"].chunk(2)
-        losses = losses * wpo_chosen * wpo_rejected
-    loss = weighted_mean(losses, weights.to(losses.dtype), normalize)
 
-    with torch.no_grad():  # DPO's implicit rewards beta * log(pi / pi_ref) (beta * log pi without a reference)
-        chosen_rewards = beta * (chosen - (0 if ref_chosen_logps is None else ref_chosen_logps))
-        rejected_rewards = beta * (rejected - (0 if ref_rejected_logps is None else ref_rejected_logps))
-        metrics = {"accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-                   "margin": (chosen_rewards - rejected_rewards).mean().item(),
-                   "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item()}
-    return loss, metrics
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        n_rows = hidden.shape[0]
+        valid = targets >= 0
+        safe_targets = targets.clamp(min=0)
+        acc = _acc_dtype(hidden.dtype)
+        lse = torch.empty(n_rows, dtype=acc, device=hidden.device)  # log sum_v exp(logit_v) per row
+        target_logits = torch.empty(n_rows, dtype=acc, device=hidden.device)
+        for start in range(0, n_rows, chunk_size):
+            end = min(start + chunk_size, n_rows)
+            logits = _chunk_logits(hidden[start:end], weight, bias)  # [n, V]
+            target_logits[start:end] = logits.gather(1, safe_targets[start:end, None]).squeeze(1)
+            row_max = logits.amax(dim=1)
+            # logsumexp in place: no second [n, V] temporary
+            lse[start:end] = logits.sub_(row_max[:, None]).exp_().sum(dim=1).log_().add_(row_max)
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size = chunk_size
+        return (target_logits - lse).masked_fill_(~valid, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        acc = lse.dtype
+        grad = grad_logps.to(acc) * (targets >= 0)  # [N]; ignored rows get no gradient
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        # Backward walks the vocabulary in slices of all N rows (as much memory as one forward chunk), so each
+        # slice of grad_weight is one GEMM written once in the weight's dtype: no fp32 [V, d] accumulator.
+        width = max(1, ctx.chunk_size * vocab // max(n_rows, 1))
+        hidden_acc = hidden.to(acc)  # [N, d], small beside [V, d]
+        grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad_bias = torch.empty_like(bias) if need_bias else None
+        for v0 in range(0, vocab, width):
+            v1 = min(v0 + width, vocab)
+            # dlogits = grad * (onehot - softmax), built in place in the recomputed logits [N, v1 - v0]
+            logits = _chunk_logits(hidden, weight[v0:v1], None if bias is None else bias[v0:v1])
+            dlogits = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+            rows = ((targets >= v0) & (targets < v1)).nonzero().squeeze(1)
+            dlogits[rows, targets[rows] - v0] += grad[rows]
+            if need_hidden:
+                grad_hidden.addmm_(dlogits, weight[v0:v1].to(acc))
+            if need_weight and weight.dtype == acc:  # straight into the gradient, no [slice, d] temporary
+                torch.mm(dlogits.t(), hidden_acc, out=grad_weight[v0:v1])
+            elif need_weight:
+                grad_weight[v0:v1] = dlogits.t() @ hidden_acc  # fp32 product, rounded once to the weight's dtype
+            if need_bias:
+                grad_bias[v0:v1] = dlogits.sum(dim=0).to(bias.dtype)
+            del logits, dlogits
+        return None if grad_hidden is None else grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None, None
+
+
+def token_logps(hidden, weight, targets, bias=None, chunk_size=DEFAULT_CHUNK_SIZE):
+    """Per-token log p(targets | hidden) [N] fp32 (fp64 for fp64 inputs) via FusedLogProbs; targets < 0 give 0.
+
+    Under autocast the inputs are cast to the autocast dtype first and the kernel runs with autocast off, so that
+    backward recomputes exactly the logits forward saw.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"token_logps: hidden is {hidden.dtype} but the LM head weight is {weight.dtype}")
+    with torch.autocast(device_type, enabled=False):
+        return FusedLogProbs.apply(hidden, weight, bias, targets, chunk_size)
+
+
+@torch.no_grad()
+def token_log_sum_sq_probs(hidden, weight, bias=None, chunk_size=DEFAULT_CHUNK_SIZE):
+    """log sum_v p_v^2 per row [N] fp32, chunked like FusedLogProbs, no gradient: WPO's sampling correction
+    (Zhou et al. 2024, arXiv 2406.11827). log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = _chunk_logits(hidden[start:start + chunk_size], weight, bias).float()
+        out[start:start + chunk_size] = torch.logsumexp(2 * logits, dim=1) - 2 * torch.logsumexp(logits, dim=1)
+    return out
+
+

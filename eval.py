@@ -3,7 +3,7 @@
     python eval.py                 # the built-in world: ~10 min on 2 CPU cores; --quick: ~1 min
     python eval.py --policy runs/cw-dpo --sft runs/sft --prompts heldout.jsonl --judge gold-rm/
 
-GRA (PAPER.md, Evaluation): for held-out prompts, a gold judge scores the aligned policy's answer and
+GRA (arXiv 2603.04968, Gold Reward Accuracy): for held-out prompts, a gold judge scores the aligned policy's answer and
 the SFT model's answer; GRA is the % of prompts where the aligned answer scores higher (ties count half).
 In the built-in world the judge is a program (data.gold_reward); otherwise a reward checkpoint.
 """
@@ -80,7 +80,7 @@ METHODS = {  # name: (training pairs, loss, loss options, weighting, normalizati
 def training_args(model, out, **overrides):
     argv = ["--model", model, "--data", "-", "--out", out, "--max-prompt-len", "48", "--max-answer-len", "48", "--log-every", "1000"]
     args = train_policy.parser().parse_args(argv)
-    vars(args).update(overrides)
+    vars(args).update(dict(grad_checkpointing=False), **overrides)  # tiny models: memory is no concern
     os.makedirs(out, exist_ok=True)
     return args
 
@@ -95,7 +95,7 @@ def pretrain(path, tok, sft_pairs, n_layer, d_model, args, device, log):
     model = GPT(config_from_hf(hf)).init_weights().to(device)
     targs = training_args(path, path, objective="sft", lr=3e-3, epochs=args.sft_epochs, batch_size=64, warmup_steps=20)
     examples = train_policy.encode_examples(tok, sft_pairs, targs)
-    train_policy.train(model, examples, tok.pad_id, targs, device=device, log=log)
+    train_policy.train(model, examples, tok.pad_id, targs, train_policy.sft_objective, device=device, log=log)
     save_model(model, path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (pathlib.Path(path) / name).write_text((pathlib.Path(args.out) / "tokenizer" / name).read_text())
@@ -144,11 +144,12 @@ def run_seed(seed, world, args, device, log):
     sets = {"human_pool": labeled + unlabeled, "labeled": labeled, "weak": weak}
     for name, (subset, loss, options, weighting, normalize) in METHODS.items():
         policy = load_model(paths["sft"], device=device)
-        pargs = training_args(paths["sft"], out + "/policy", loss=loss, loss_options=json.dumps(options), weighting=weighting,
+        pargs = training_args(paths["sft"], out + "/policy", loss=loss, loss_options=options, weighting=weighting,
                               normalize=normalize, lr=args.lr, beta=args.beta, epochs=args.epochs, seed=seed, top_fraction=0.3)
         examples = train_policy.encode_examples(tok, sets[subset], pargs)
         train_policy.add_reference_logps(policy, examples, tok.pad_id, 64, device, bf16=pargs.bf16)
-        train_policy.train(policy, examples, tok.pad_id, pargs, device=device, log=log)
+        train_policy.train(policy, examples, tok.pad_id, pargs, train_policy.preference_objective, device=device,
+                           log=log)
         rewards = [data.gold_reward(p, x) for p, x in zip(held_out, generate_answers(policy, tok, held_out))]
         result["methods"][name] = dict(win_rate(rewards, sft_rewards, seed=seed), mean_reward=float(np.mean(rewards)), pairs=len(examples))
         log(f"seed {seed} | {name:32s} | GRA {result['methods'][name]['gra']:5.1f} % | gold reward {np.mean(rewards):+.3f}")

@@ -1,18 +1,19 @@
-"""The weak annotator (PAPER.md steps 1-2): a small LM with a scalar head, trained with the Bradley-Terry
-loss on the labeled part, then used to label the unlabeled pairs with its confidence.
+"""The weak annotator (arXiv 2603.04968, CW-PO's weak LLM): a small LM with a scalar head, trained with the
+Bradley-Terry loss on the labeled part, then used to label the unlabeled pairs with its confidence.
 
-    python train_weak.py --model opt-125m --data hh-rlhf/harmless-base/train.jsonl.gz --labeled-fraction 0.3 --out runs/weak
+    python train_weak.py --model opt-125m --data hh-rlhf/harmless-base/train.jsonl.gz --out runs/weak
 
 writes OUT/ (the annotator, a reward checkpoint), and, beside it, OUT/splits/{labeled,human_pool,heldout}.jsonl
 (the human-labeled pairs of each part), OUT/weak_labels.jsonl (the unlabeled pairs, or those of --unlabeled, as
 the annotator ranks them, with both scores and the confidence) and OUT/report.json (accuracy and calibration on
-held-out human labels).
+held-out human labels; on the unlabeled pairs' hidden human labels when --eval-size is 0).
 """
 import argparse
 import json
 import math
 import os
 import pathlib
+import time
 
 import numpy as np
 import torch
@@ -23,23 +24,35 @@ import train_policy
 from model import atomic_write, load_model, load_tokenizer, save_model
 
 
+def bt_objective(model, batch, micro, args):
+    """The annotator's loss for train_policy.train: sum_i w_i * BT loss of the pair's scalar scores (cwpo.bt_loss),
+    the score read at the last token of prompt + answer."""
+    chosen_scores, rejected_scores = model(batch["input_ids"], batch["attention_mask"]).float().chunk(2)
+    losses = cwpo.bt_loss(chosen_scores, rejected_scores)
+    metrics = {"accuracy": (chosen_scores > rejected_scores).float().mean().item(),
+               "margin": (chosen_scores - rejected_scores).mean().item()}
+    return (losses * batch["weight"]).sum(), metrics
+
+
 @torch.no_grad()
-def score_pairs(rm, tok, pairs, args, device):
+def score_pairs(rm, tok, pairs, args, device, log=print):
     """Annotator scores of both answers of each pair -> (scores of "chosen", scores of "rejected"), [P] each."""
     rm.eval()
-    examples = [data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len, args.max_answer_len)
-                for p in pairs]
-    first, second = [], []
-    for chunk in data.iterate_batches(examples, args.batch_size):
+    first, second, t0 = [], [], time.time()
+    for chunk in data.iterate_batches(train_policy.encode_pairs(tok, pairs, args), args.batch_size):
         batch = data.collate(chunk, tok.pad_id)
         a, b = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu().chunk(2)
         first.append(a)
         second.append(b)
+        done = sum(len(part) for part in first)
+        if len(first) % args.log_every == 0 or done == len(pairs):
+            eta = (time.time() - t0) / done * (len(pairs) - done)
+            log(f"scored {done}/{len(pairs)} pairs | ETA {eta / 60:.1f} min")
     return torch.cat(first), torch.cat(second)
 
 
 def weak_labels(pairs, score_a, score_b):
-    """Relabel pairs by the annotator: the higher-scoring answer becomes "chosen"; confidence C (PAPER.md step 2).
+    """Relabel pairs by the annotator: the higher-scoring answer becomes "chosen", with its confidence C.
     `human_agrees` records whether the annotator kept the pair's original order (for reports only)."""
     a_wins, confidence = cwpo.confidence(score_a, score_b)
     labeled = []
@@ -81,52 +94,55 @@ def train_annotator(labeled, args, device, log=print):
     """A reward model from args.model, trained with BT on the labeled pairs; -> (model, tokenizer)."""
     tok = load_tokenizer(args.model)
     rm = load_model(args.model, dtype=torch.float32, device=device, reward=True)
-    examples = [data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len, args.max_answer_len)
-                for p in labeled]
-    train_policy.train(rm, examples, tok.pad_id, args, device=device, log=log)
+    train_policy.check_lengths(rm.config, args)
+    train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), tok.pad_id, args, bt_objective,
+                       device=device, log=log)
     return rm, tok
 
 
 def main(args):
     _, _, device = train_policy.distributed()
     torch.manual_seed(args.seed)
-    os.makedirs(os.path.join(args.out, "splits"), exist_ok=True)
+    eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # a count, or a fraction of all pairs
     pairs = data.load_pairs(args.data, args.format, skip_bad=args.skip_bad)
-    labeled, unlabeled, heldout = data.split_pairs(pairs, args.labeled_fraction, args.eval_size, args.seed)
+    labeled, unlabeled, heldout = data.split_pairs(pairs, args.labeled_fraction, eval_size, args.seed)
     print(f"{len(pairs)} pairs: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(heldout)} held out")
     if not labeled or not unlabeled:
-        raise SystemExit("the split left no labeled or no unlabeled pairs: change --labeled-fraction or --eval-size")
+        raise ValueError("the split left no labeled or no unlabeled pairs: change --labeled-fraction or --eval-size")
     rm, tok = train_annotator(labeled, args, device)
     save_model(rm, args.out)
-    score_a, score_b = score_pairs(rm, tok, heldout or unlabeled, args, device)
-    a_wins, confidence = cwpo.confidence(score_a, score_b)
+    # without held-out pairs the report is on the unlabeled pairs' hidden human labels: one scoring pass serves both
+    scores = score_pairs(rm, tok, heldout or unlabeled, args, device)
+    a_wins, confidence = cwpo.confidence(*scores)
     report = annotator_report(confidence.tolist(), a_wins.tolist())  # "chosen" is the human label: a wins = correct
     report["on"] = "heldout" if heldout else "unlabeled (no held-out pairs)"
-    print("annotator vs human labels:", json.dumps(report))
+    print("annotator vs human labels:", json.dumps({k: v for k, v in report.items() if k != "bins"}))
+    os.makedirs(os.path.join(args.out, "splits"), exist_ok=True)
     for name, records in (("labeled", labeled), ("human_pool", labeled + unlabeled), ("heldout", heldout)):
         write_jsonl(os.path.join(args.out, "splits", f"{name}.jsonl"), records)
     if args.unlabeled:  # pairs that never had a label: answer_a / answer_b stand in for chosen / rejected
         unlabeled = [{"prompt": p["prompt"], "chosen": p["answer_a"], "rejected": p["answer_b"]}
                      for p in data.load_pairs(args.unlabeled, "unlabeled", skip_bad=args.skip_bad)]
-    labels = weak_labels(unlabeled, *score_pairs(rm, tok, unlabeled, args, device))
+    if heldout or args.unlabeled:
+        scores = score_pairs(rm, tok, unlabeled, args, device)
+    labels = weak_labels(unlabeled, *scores)
     write_jsonl(os.path.join(args.out, "weak_labels.jsonl"), labels)
-    atomic_write(os.path.join(args.out, "report.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=2)))
-    print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence {np.mean([l['confidence'] for l in labels]):.3f})")
+    atomic_write(os.path.join(args.out, "report.json"),
+                 lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=2)))
+    mean_confidence = np.mean([label["confidence"] for label in labels])
+    print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence {mean_confidence:.3f})")
 
 
 def parser():
-    p = train_policy.add_training_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = train_policy.add_training_args(argparse.ArgumentParser(description=__doc__,
+                                                               formatter_class=argparse.RawDescriptionHelpFormatter))
     p.set_defaults(objective="bt", lr=1e-5)
-    p.add_argument("--labeled-fraction", type=float, default=0.3, help="share of the (non-held-out) pairs whose human label is used")
+    p.add_argument("--labeled-fraction", type=float, default=0.3,
+                   help="share of the (non-held-out) pairs whose human label is used")
     p.add_argument("--eval-size", type=float, default=0.1, help="held-out pairs: a fraction (< 1) or a count")
-    p.add_argument("--unlabeled", help="label this file of unlabeled pairs (prompt, answer_a, answer_b) instead of the split's rest")
+    p.add_argument("--unlabeled", help="label this file of (prompt, answer_a, answer_b) pairs instead of the rest")
     return p
 
 
 if __name__ == "__main__":
-    args = parser().parse_args()
-    args.eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size
-    try:
-        main(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-        raise SystemExit(f"error: {e.args[0] if e.args else e}")
+    train_policy.run_script(main, parser().parse_args())

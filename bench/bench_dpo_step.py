@@ -207,11 +207,12 @@ def run_ours(args, work):
     argv = ["--model", model_dir, "--data", os.path.join(work, "pairs.json"), "--out", out, "--max-steps", str(args.steps),
             "--batch-size", str(args.pairs), "--lr", str(args.lr), "--warmup-steps", "0", "--weight-decay", "0",
             "--max-grad-norm", str(args.max_grad_norm), "--loss", "sigmoid", "--beta", "0.1", "--log-every", "1",
-            "--seed", "0", "--bf16" if args.dtype == "bfloat16" else "--no-bf16"]
+            "--seed", "0", "--bf16" if args.dtype == "bfloat16" else "--no-bf16", "--no-grad-checkpointing"]
     train_args = train_policy.parser().parse_args(argv)
     train_policy.add_reference_logps(policy, examples, EOS_ID, args.pairs, device, bf16=train_args.bf16)
     rss_before = read_status_bytes("VmRSS")
-    train_policy.train(policy, examples, EOS_ID, train_args, device=device, log=lambda *a: None)
+    train_policy.train(policy, examples, EOS_ID, train_args, train_policy.preference_objective, device=device,
+                       log=lambda *a: None)
     with open(os.path.join(out, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
     elapsed = [0.0] + [r["elapsed_s"] for r in records]

@@ -83,7 +83,7 @@ def train_policy_main(args, log):
     model = load_model(args.model, dtype=torch.float32)
     examples = train_policy.encode_examples(tok, data.load_pairs(args.data), args)
     train_policy.add_reference_logps(model, examples, tok.pad_id, 8, torch.device("cpu"))
-    train_policy.train(model, examples, tok.pad_id, args, log=log)
+    train_policy.train(model, examples, tok.pad_id, args, train_policy.preference_objective, log=log)
     save_model(model, args.out)
 
 
