@@ -18,16 +18,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-               "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+ACTIVATIONS["gelu_pytorch_tanh"] = ACTIVATIONS["gelu_new"]
 
 
 @dataclass
 class Config:
+    """What the decoder needs of a config.json, in its own names (config_from_hf maps each family's)."""
     model_type: str
     vocab_size: int
     d_model: int
@@ -55,45 +56,52 @@ class Config:
         return self.model_type in ("llama", "qwen2")
 
     @property
-    def layernorm(self):  # LayerNorm with bias (GPT-2, OPT) or RMSNorm (Llama, Qwen2)
+    def layernorm(self):
         return self.model_type in ("gpt2", "opt")
 
 
 def config_from_hf(hf):
-    """Read both config layouts: older (rope_theta, torch_dtype) and transformers 5 (rope_parameters, dtype)."""
-    t = hf.get("model_type")
-    g = hf.get
-    common = dict(model_type=t, vocab_size=hf["vocab_size"], tie_word_embeddings=g("tie_word_embeddings", t in ("gpt2", "opt")),
-                  dtype=str(g("dtype") or g("torch_dtype") or "float32").replace("torch.", ""), hf=hf)
-    if t == "gpt2":
-        if g("scale_attn_by_inverse_layer_idx") or g("reorder_and_upcast_attn"):
-            raise ValueError("config.json: GPT-2 options scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported")
-        d = hf["n_embd"]
-        return Config(d_model=d, n_layer=hf["n_layer"], n_head=hf["n_head"], n_kv_head=hf["n_head"], head_dim=d // hf["n_head"],
-                      d_ff=g("n_inner") or 4 * d, max_pos=hf["n_positions"], act=g("activation_function", "gelu_new"),
-                      norm_eps=g("layer_norm_epsilon", 1e-5), qkv_bias=True, o_bias=True, mlp_bias=True, **common)
-    if t == "opt":
-        d = hf["hidden_size"]
-        pre = g("do_layer_norm_before", True)
-        return Config(d_model=d, n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_kv_head=hf["num_attention_heads"],
-                      head_dim=d // hf["num_attention_heads"], d_ff=hf["ffn_dim"], max_pos=hf["max_position_embeddings"],
-                      act=g("activation_function", "relu"), pre_norm=pre, final_norm=pre and not g("_remove_final_layer_norm", False),
-                      qkv_bias=g("enable_bias", True), o_bias=g("enable_bias", True), mlp_bias=g("enable_bias", True),
-                      proj_dim=g("word_embed_proj_dim", d) if g("word_embed_proj_dim", d) != d else 0, **common)
-    if t in ("llama", "qwen2"):
-        rope = g("rope_parameters") or g("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"config.json: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported (only 'default')")
-        d, h = hf["hidden_size"], hf["num_attention_heads"]
-        bias = g("attention_bias", False)
-        return Config(d_model=d, n_layer=hf["num_hidden_layers"], n_head=h, n_kv_head=g("num_key_value_heads") or h,
-                      head_dim=g("head_dim") or d // h, d_ff=hf["intermediate_size"], max_pos=g("max_position_embeddings", 4096),
-                      act=g("hidden_act", "silu"), norm_eps=g("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", g("rope_theta", 10000.0)),
-                      qkv_bias=t == "qwen2" or bias, o_bias=bias, mlp_bias=g("mlp_bias", False), **common)
-    raise ValueError(f"config.json: unsupported model_type {t!r} (supported: gpt2, opt, qwen2, llama)")
+    """Config from a config.json dict, in both layouts: older (rope_theta, torch_dtype) and transformers 5
+    (rope_parameters, dtype)."""
+    family = hf.get("model_type")
+    common = dict(model_type=family, vocab_size=hf["vocab_size"], hf=hf,
+                  tie_word_embeddings=hf.get("tie_word_embeddings", family in ("gpt2", "opt")),
+                  dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", ""))
+    if family == "gpt2":
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise ValueError("config.json: GPT-2's scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
+                             "are not supported")
+        width, heads = hf["n_embd"], hf["n_head"]
+        return Config(d_model=width, n_layer=hf["n_layer"], n_head=heads, n_kv_head=heads, head_dim=width // heads,
+                      d_ff=hf.get("n_inner") or 4 * width, max_pos=hf["n_positions"],
+                      act=hf.get("activation_function", "gelu_new"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                      qkv_bias=True, o_bias=True, mlp_bias=True, **common)
+    if family == "opt":
+        width, heads, bias = hf["hidden_size"], hf["num_attention_heads"], hf.get("enable_bias", True)
+        pre_norm, proj_dim = hf.get("do_layer_norm_before", True), hf.get("word_embed_proj_dim", width)
+        proj_dim = proj_dim if proj_dim != width else 0
+        return Config(d_model=width, n_layer=hf["num_hidden_layers"], n_head=heads, n_kv_head=heads,
+                      head_dim=width // heads, d_ff=hf["ffn_dim"], max_pos=hf["max_position_embeddings"],
+                      act=hf.get("activation_function", "relu"), pre_norm=pre_norm,
+                      final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
+                      qkv_bias=bias, o_bias=bias, mlp_bias=bias, proj_dim=proj_dim, **common)
+    if family in ("llama", "qwen2"):
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"config.json: rope type {rope_type!r} is not supported (only 'default')")
+        width, heads, bias = hf["hidden_size"], hf["num_attention_heads"], hf.get("attention_bias", False)
+        return Config(d_model=width, n_layer=hf["num_hidden_layers"], n_head=heads,
+                      n_kv_head=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or width // heads,
+                      d_ff=hf["intermediate_size"], max_pos=hf.get("max_position_embeddings", 4096),
+                      act=hf.get("hidden_act", "silu"), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                      rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                      qkv_bias=family == "qwen2" or bias, o_bias=bias, mlp_bias=hf.get("mlp_bias", False), **common)
+    raise ValueError(f"config.json: unsupported model_type {family!r} (supported: gpt2, opt, qwen2, llama)")
 
 
 class RMSNorm(nn.Module):
+    """weight * x / sqrt(mean(x^2) + eps) (Llama, Qwen2)."""
     def __init__(self, d, eps):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
@@ -104,15 +112,18 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg):
+    """LayerNorm with bias (GPT-2, OPT) or RMSNorm (Llama, Qwen2)."""
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.layernorm else RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
-def rotate(x, cos, sin):  # rotate-half RoPE; x [B, H, T, hd], cos/sin [B, 1, T, hd]
+def rotate(x, cos, sin):
+    """Rotate-half RoPE; x [B, H, T, hd], cos / sin [B, 1, T, hd]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class Attention(nn.Module):
+    """Causal self-attention: fused q|k|v, grouped-query heads, RoPE for Llama / Qwen2, an optional KV cache."""
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -137,6 +148,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU down(act(gate(x)) * up(x)) for Llama / Qwen2, down(act(up(x))) for GPT-2 / OPT."""
     def __init__(self, cfg):
         super().__init__()
         self.act = ACTIVATIONS[cfg.act]
@@ -149,6 +161,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One layer: pre-norm x + f(norm(x)), or the post-norm norm(x + f(x)) of OPT-350m."""
     def __init__(self, cfg):
         super().__init__()
         self.pre_norm = cfg.pre_norm
@@ -163,12 +176,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The decoder: embeddings, blocks, final norm and, unless lm_head=False, the LM head."""
     def __init__(self, cfg, lm_head=True):
         super().__init__()
         self.config = cfg
         emb_dim = cfg.proj_dim or cfg.d_model
         self.wte = nn.Embedding(cfg.vocab_size, emb_dim)
-        # OPT stores max_pos + 2 learned positions and skips the first two
         self.wpe = None if cfg.rope else nn.Embedding(cfg.max_pos + (2 if cfg.model_type == "opt" else 0), cfg.d_model)
         self.project_in = nn.Linear(emb_dim, cfg.d_model, bias=False) if cfg.proj_dim else None
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -190,47 +203,53 @@ class GPT(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0):
         """input_ids [B, T] -> logits [B, T, V], or final hidden states [B, T, d'] with return_hidden.
-
-        attention_mask [B, start + T] (1 = real token) allows left or right padding; positions count
-        real tokens only, so a left-padded prompt sees the same positions as an unpadded one.
-        With a KV cache (see generate), `start` is the number of positions already cached.
-        """
-        B, T = input_ids.shape
-        cfg = self.config
-        if attention_mask is not None and cache is None and not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
-            attention_mask = None  # right padding: causal attention alone keeps real tokens from pads (and allows flash)
-        if attention_mask is None:
-            pos = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-            mask = None if cache is None else torch.ones(B, 1, T, start + T, dtype=torch.bool, device=input_ids.device).tril(start)
-        else:
-            am = attention_mask.bool()
-            pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
-            causal = torch.ones(T, start + T, dtype=torch.bool, device=am.device).tril(start)
-            # a padding query attends to itself, so that no row is empty (its output is never used)
-            diagonal = torch.arange(start + T, device=am.device) == torch.arange(start, start + T, device=am.device)[:, None]
-            mask = ((causal & am[:, None, :]) | diagonal)[:, None]                      # [B, 1, T, start + T]
+        attention_mask [B, start + T] (1 = real token) allows left or right padding; with a KV cache (see
+        generate), `start` is the number of positions already cached."""
+        pos, mask, rope = self.positions_and_mask(input_ids, attention_mask, cache, start)
         x = self.wte(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
-        rope = None
-        if self.wpe is not None:
-            x = x + self.wpe(pos + (2 if cfg.model_type == "opt" else 0))
-        else:
-            inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=x.device).float() / cfg.head_dim)
-            angles = pos[:, :, None].float() * inv_freq
-            angles = torch.cat((angles, angles), dim=-1)[:, None]
-            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        if self.wpe is not None:  # OPT stores max_pos + 2 learned positions and skips the first two
+            x = x + self.wpe(pos + (2 if self.config.model_type == "opt" else 0))
         for i, block in enumerate(self.h):
-            layer_cache = None if cache is None else cache[i]
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
-                x = block(x, rope, mask, layer_cache, start)
+                x = block(x, rope, mask, None if cache is None else cache[i], start)
         if self.ln_f is not None:
             x = self.ln_f(x)
         if self.project_out is not None:
             x = self.project_out(x)
         return x if return_hidden else self.lm_head(x)
+
+    def positions_and_mask(self, input_ids, attention_mask, cache, start):
+        """-> (positions [B, T], attention mask [B, 1, T, start + T] bool or None, RoPE (cos, sin) or None).
+
+        Positions count real tokens only, so a left-padded prompt sees the same positions as an unpadded one.
+        Right padding needs no mask: causal attention alone keeps real tokens from pads (and allows SDPA's flash
+        kernels). A padding query attends to itself, so that no row of the mask is empty (its output is unused).
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if attention_mask is not None and cache is None and not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+            attention_mask = None  # right padding (or none)
+        causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
+        if attention_mask is None:
+            pos = torch.arange(start, start + T, device=device).expand(B, T)
+            mask = None if cache is None else causal.expand(B, 1, T, start + T)
+        else:
+            real = attention_mask.bool()
+            pos = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+            diagonal = torch.arange(start + T, device=device) == torch.arange(start, start + T, device=device)[:, None]
+            mask = ((causal & real[:, None, :]) | diagonal)[:, None]
+        if not self.config.rope:
+            return pos, mask, None
+        cfg = self.config
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
+        angles = pos[:, :, None].float() * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        dtype = self.wte.weight.dtype
+        return pos, mask, (angles.cos().to(dtype), angles.sin().to(dtype))
 
 
 class RewardModel(nn.Module):
@@ -270,29 +289,34 @@ HF_NAMES = {
              "h.{i}.mlp.up": "h.{i}.mlp.c_fc", "h.{i}.mlp.down": "h.{i}.mlp.c_proj"},
     "opt": {"wte": "decoder.embed_tokens", "wpe": "decoder.embed_positions", "ln_f": "decoder.final_layer_norm",
             "project_in": "decoder.project_in", "project_out": "decoder.project_out",
-            "h.{i}.ln_1": "decoder.layers.{i}.self_attn_layer_norm", "h.{i}.ln_2": "decoder.layers.{i}.final_layer_norm",
-            "h.{i}.attn.qkv": tuple("decoder.layers.{i}." + n for n in QKV), "h.{i}.attn.o": "decoder.layers.{i}.self_attn.out_proj",
+            "h.{i}.ln_1": "decoder.layers.{i}.self_attn_layer_norm",
+            "h.{i}.ln_2": "decoder.layers.{i}.final_layer_norm",
+            "h.{i}.attn.qkv": tuple("decoder.layers.{i}." + n for n in QKV),
+            "h.{i}.attn.o": "decoder.layers.{i}.self_attn.out_proj",
             "h.{i}.mlp.up": "decoder.layers.{i}.fc1", "h.{i}.mlp.down": "decoder.layers.{i}.fc2"},
     "llama": {"wte": "embed_tokens", "ln_f": "norm", "h.{i}.ln_1": "layers.{i}.input_layernorm",
-              "h.{i}.ln_2": "layers.{i}.post_attention_layernorm", "h.{i}.attn.qkv": tuple("layers.{i}." + n for n in QKV),
+              "h.{i}.ln_2": "layers.{i}.post_attention_layernorm",
+              "h.{i}.attn.qkv": tuple("layers.{i}." + n for n in QKV),
               "h.{i}.attn.o": "layers.{i}.self_attn.o_proj", "h.{i}.mlp.gate": "layers.{i}.mlp.gate_proj",
               "h.{i}.mlp.up": "layers.{i}.mlp.up_proj", "h.{i}.mlp.down": "layers.{i}.mlp.down_proj"},
 }
 HF_NAMES["qwen2"] = HF_NAMES["llama"]
 PREFIXES = {"gpt2": "transformer.", "opt": "model.", "llama": "model.", "qwen2": "model."}
 IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers some checkpoints carry
+CONV1D = ("attn.qkv", "attn.o", "mlp.up", "mlp.down")  # GPT-2 modules stored as [in, out]
+HEADS = ("lm_head.weight", "score.weight")  # stored without the family prefix
 
 
 def hf_names(cfg, ours):
     """Our parameter name -> (its HF tensor names, transposed?); e.g. "h.3.attn.qkv.weight" ->
     (("layers.3.self_attn.q_proj.weight", "layers.3.self_attn.k_proj.weight", ...), False)."""
-    if ours in ("lm_head.weight", "score.weight"):
+    if ours in HEADS:
         return (ours,), False
     module, kind = ours.rsplit(".", 1)
     layer = module.split(".")[1] if module.startswith("h.") else None
     theirs = HF_NAMES[cfg.model_type][module.replace(f"h.{layer}.", "h.{i}.") if layer else module]
     theirs = (theirs,) if isinstance(theirs, str) else theirs
-    conv1d = cfg.model_type == "gpt2" and kind == "weight" and module.endswith(("attn.qkv", "attn.o", "mlp.up", "mlp.down"))
+    conv1d = cfg.model_type == "gpt2" and kind == "weight" and module.endswith(CONV1D)
     return tuple(n.format(i=layer) + "." + kind for n in theirs), conv1d
 
 
@@ -300,19 +324,34 @@ def read_safetensors(path):
     """-> {name without family prefix: (file, name in file)} over one file or a sharded index."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
+        outside = [f for f in files if os.path.isabs(f) or os.path.normpath(f).startswith("..")]
+        if outside:
+            raise ValueError(f"{index}: shard {outside[0]!r} lies outside the checkpoint folder")
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     where = {}
     for name in files:
-        with safe_open(os.path.join(path, name), "pt") as f:
-            for key in f.keys():
-                short = key.split(".", 1)[1] if key.startswith(("transformer.", "model.")) else key
-                where[short] = (os.path.join(path, name), key)
+        try:
+            with safe_open(os.path.join(path, name), "pt") as f:
+                keys = list(f.keys())
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{os.path.join(path, name)}: not a readable safetensors file ({e})") from None
+        for key in keys:
+            short = key.split(".", 1)[1] if key.startswith(("transformer.", "model.")) else key
+            where[short] = (os.path.join(path, name), key)
     return where
+
+
+def read_json(path):
+    """A JSON file's content; malformed JSON raises a ValueError that names the file."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_model(path, dtype=None, device="cpu", reward=False):
@@ -326,11 +365,10 @@ def load_model(path, dtype=None, device="cpu", reward=False):
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{path}: no config.json")
-    with open(cfg_file) as f:
-        try:
-            cfg = config_from_hf(json.load(f))
-        except KeyError as e:
-            raise KeyError(f"{cfg_file}: missing key {e.args[0]!r}") from None
+    try:
+        cfg = config_from_hf(read_json(cfg_file))
+    except KeyError as e:
+        raise KeyError(f"{cfg_file}: missing key {e.args[0]!r}") from None
     dtype = dtype or DTYPES.get(cfg.dtype, torch.float32)
     with torch.device("meta"):
         model = RewardModel(cfg) if reward else GPT(cfg)
@@ -344,7 +382,8 @@ def load_model(path, dtype=None, device="cpu", reward=False):
         parts = []
         for name in theirs:
             if name not in where:
-                raise KeyError(f"{path}: checkpoint lacks tensor {PREFIXES[cfg.model_type] + name!r} (needed for {ours})")
+                full_name = PREFIXES[cfg.model_type] + name
+                raise KeyError(f"{path}: checkpoint lacks tensor {full_name!r} (needed for {ours})")
             with safe_open(where[name][0], "pt") as f:
                 parts.append(f.get_tensor(where[name][1]))
         tensor = torch.cat([p.t() if transposed else p for p in parts])
@@ -354,7 +393,7 @@ def load_model(path, dtype=None, device="cpu", reward=False):
                              f"{tuple(param.shape)} for {ours}")
         state[full_name] = tensor.to(dtype).contiguous()
         used.update(theirs)
-    unexpected = [n for n in where if n not in used and not n.endswith(IGNORED) and n not in ("lm_head.weight", "score.weight")]
+    unexpected = [n for n in where if n not in used and not n.endswith(IGNORED) and n not in HEADS]
     if unexpected:
         raise ValueError(f"{path}: unexpected tensor {where[unexpected[0]][1]!r} in {where[unexpected[0]][0]} "
                          f"({len(unexpected)} unexpected in all) for model_type {cfg.model_type!r}")
@@ -371,12 +410,14 @@ def save_model(model, path):
     cfg, reward = model.config, isinstance(model, RewardModel)
     state = {}
     for ours, param in model.named_parameters():  # a tied lm_head is not listed (HF does not store it either)
+        if not torch.isfinite(param).all():
+            raise FloatingPointError(f"{path}: not saved, tensor {ours} holds NaN or inf")
         ours = ours.removeprefix("body.")
         theirs, transposed = hf_names(cfg, ours)
         kv = cfg.n_kv_head * cfg.head_dim
         parts = param.detach().split([cfg.n_head * cfg.head_dim, kv, kv]) if len(theirs) == 3 else [param.detach()]
         for name, part in zip(theirs, parts):
-            prefix = "" if name in ("lm_head.weight", "score.weight") else PREFIXES[cfg.model_type]
+            prefix = "" if name in HEADS else PREFIXES[cfg.model_type]
             state[prefix + name] = (part.t() if transposed else part).contiguous().cpu()
     cls = {"gpt2": "GPT2", "opt": "OPT", "llama": "Llama", "qwen2": "Qwen2"}[cfg.model_type]
     hf = dict(cfg.hf, dtype=str(next(model.parameters()).dtype).replace("torch.", ""), model_type=cfg.model_type,
@@ -390,11 +431,16 @@ def save_model(model, path):
 
 
 def atomic_write(path, write):
-    """write(tmp_path) into a temporary file beside `path`, then rename it over `path`: never half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    """write(tmp_path) into a temporary file beside `path`, then rename it over `path`: never half a file.
+    The file gets the mode a plain open() would give it (the umask's), not mkstemp's private 0600."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + ".", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -409,7 +455,10 @@ def load_tokenizer(path):
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     if os.path.exists(os.path.join(path, "tokenizer.json")):
-        tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        try:
+            tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"{os.path.join(path, 'tokenizer.json')}: not a readable tokenizer ({e})") from None
     elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt")):
         tok = Tokenizer(models.BPE.from_file(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -419,8 +468,7 @@ def load_tokenizer(path):
     meta = {}
     for name in ("config.json", "special_tokens_map.json", "tokenizer_config.json"):  # later files win
         if os.path.exists(os.path.join(path, name)):
-            with open(os.path.join(path, name)) as f:
-                meta.update(json.load(f))
+            meta.update(read_json(os.path.join(path, name)))
     ids = {}
     for kind in ("bos", "eos", "pad"):
         token = meta.get(f"{kind}_token")
@@ -432,7 +480,8 @@ def load_tokenizer(path):
     tok.bos_id, tok.eos_id, tok.pad_id = ids["bos"], ids["eos"], ids["pad"] if ids["pad"] is not None else ids["eos"]
     if meta.get("add_bos_token") and tok.bos_id is not None and tok.post_processor is None:
         bos = tok.id_to_token(tok.bos_id)
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.bos_id)])
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, tok.bos_id)])
     return tok
 
 
@@ -453,7 +502,8 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, to
         mask[i, P - len(p):P] = 1
     dtype = next(model.parameters()).dtype
     shape = (B, cfg.n_kv_head, P + max_new_tokens, cfg.head_dim)
-    cache = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.n_layer)]
+    cache = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+             for _ in range(cfg.n_layer)]
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # project only the last position: [B, P, V] logits of a long prompt at a 150k vocabulary would not fit
