@@ -199,6 +199,8 @@ def nca_pair_loss(chosen_logratios, rejected_logratios, beta):
 def robust_loss(delta, beta, label_smoothing):
     """rDPO (Chowdhury et al. 2024, arXiv 2403.00409), e the label-flip rate in [0, 0.5):
     (-(1 - e) log sigmoid(beta delta) + e log sigmoid(-beta delta)) / (1 - 2e)."""
+    if not 0 <= label_smoothing < 0.5:  # e = 0.5 divides by 0; beyond, the loss rewards the rejected answer
+        raise ValueError(f"robust needs label_smoothing (the flip rate) in [0, 0.5), got {label_smoothing}")
     z = beta * delta
     return (-(1 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (1 - 2 * label_smoothing)
 

@@ -225,8 +225,8 @@ def encode_examples(tok, pairs, args):
 def main(args):
     rank, world_size, device = distributed()
     torch.manual_seed(args.seed)
-    if args.loss not in cwpo.LOSS_TYPES and args.objective == "preference":
-        raise ValueError(f"unknown --loss {args.loss!r}; known: {', '.join(cwpo.LOSS_TYPES)}")
+    if args.objective == "preference":
+        check_loss(args)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=torch.float32, device=device)
     check_lengths(model.config, args)
@@ -266,26 +266,26 @@ def positive_int(text):
     return int(text)
 
 
-# --loss-options: keyword options of cwpo.batch_loss / preference_loss that no flag sets, with their JSON types
-LOSS_OPTIONS = {"label_smoothing": (int, float), "cdpo": (int, float), "f_divergence_type": str,
-                "f_alpha_divergence_coef": (int, float), "discopop_tau": (int, float), "simpo_gamma": (int, float),
-                "cpo_alpha": (int, float), "ld_alpha": (int, float), "use_weighting": bool, "loss_weights": list}
+def check_loss(args):
+    """Fail before any work where --loss and --loss-options would fail in training (an unknown name, a clash with a
+    flag, a bad value): compute the loss once on a dummy pair. Options of batch_loss itself are checked there."""
+    batch_only = {"loss_weights", "ld_alpha", "use_weighting", "chunk_size"}
+    options = {k: v for k, v in args.loss_options.items() if k not in batch_only}
+    one = torch.ones(1)
+    try:
+        cwpo.preference_loss(args.loss, -one, -one, -one, -one, args.beta, one, one, **options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--loss {args.loss} --loss-options {json.dumps(args.loss_options)}: {e}") from None
 
 
-def loss_options(text):
-    """Parse --loss-options once: a JSON object whose names and value types are those of LOSS_OPTIONS."""
+def json_object(text):
+    """--loss-options, parsed once: a JSON object."""
     try:
         options = json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
     if not isinstance(options, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
-    for name, value in options.items():
-        if name not in LOSS_OPTIONS:
-            raise argparse.ArgumentTypeError(f"unknown option {name!r} (flags set beta and the loss); "
-                                             f"known: {', '.join(LOSS_OPTIONS)}")
-        if not isinstance(value, LOSS_OPTIONS[name]) or (isinstance(value, bool) and LOSS_OPTIONS[name] is not bool):
-            raise argparse.ArgumentTypeError(f"option {name!r} has the wrong type: {value!r}")
     return options
 
 
@@ -324,7 +324,7 @@ def parser():
     p.add_argument("--sft", dest="objective", action="store_const", const="sft", default="preference",
                    help="supervised fine-tuning on the chosen answers instead of preference optimization")
     p.add_argument("--loss", default="sigmoid", help="a loss of cwpo.LOSS_TYPES (sigmoid = DPO, ipo, robust = rDPO)")
-    p.add_argument("--loss-options", type=loss_options, default={},
+    p.add_argument("--loss-options", type=json_object, default={},
                    help='keyword options of the loss as JSON, e.g. \'{"label_smoothing": 0.1}\'')
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--weighting", default="none", choices=("none", "confidence", "top"),

@@ -99,7 +99,7 @@ def test_weighting_modes(tiny_world):
 def test_clear_errors(tiny_world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3}\n')
-    for data_file, extra, message in ((tiny_world["pairs"], ["--loss", "dpoo"], "unknown --loss 'dpoo'; known: sigmoid"),
+    for data_file, extra, message in ((tiny_world["pairs"], ["--loss", "dpoo"], "unknown loss type 'dpoo'; known: sigmoid"),
                                       (str(bad), [], "bad.jsonl, line 2")):
         cmd = [sys.executable, os.path.join(ROOT, "train_policy.py"), "--model", tiny_world["model"], "--data", data_file,
                "--out", str(tmp_path / "x"), *extra]
