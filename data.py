@@ -26,7 +26,10 @@ def _field(record, key, kind=str, name=None):
     return value
 
 def _numeric_extras(record, used):
-    """Numbers riding along a pair (e.g. the confidence train_weak.py writes), kept as they are."""
+    """Numbers riding along a pair (e.g. the confidence train_weak.py writes), kept as they are; a confidence must
+    be a number in [0, 1]."""
+    if "confidence" in record and not (type(record["confidence"]) in (int, float) and 0 <= record["confidence"] <= 1):
+        raise ValueError(f"key 'confidence' must be a number in [0, 1], got {record['confidence']!r}")
     return {k: v for k, v in record.items() if k not in used and type(v) in (int, float)}
 
 def _hh(record):
@@ -37,7 +40,8 @@ def _hh(record):
     chosen, rejected = _field(record, "chosen"), _field(record, "rejected")
     for key, text in (("chosen", chosen), ("rejected", rejected)):
         if ASSISTANT not in text:
-            raise ValueError(f"key {key!r}: transcript has no '\\n\\nAssistant:'")
+            raise ValueError(f"key {key!r}: an HH-RLHF transcript needs '\\n\\nAssistant:' (a record of prompt / "
+                             "chosen / rejected needs the key 'prompt')")
     shared = os.path.commonprefix([chosen, rejected])
     if ASSISTANT not in shared:
         raise ValueError("keys 'chosen' and 'rejected' share no prompt ending in '\\n\\nAssistant:'")
@@ -104,7 +108,7 @@ def load_pairs(path, fmt="auto", skip_bad=False):
     opener = gzip.open if str(path).endswith(".gz") else open
     pairs, n_bad, first_bad = [], 0, None
     with opener(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in _lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -123,7 +127,17 @@ def load_pairs(path, fmt="auto", skip_bad=False):
         print(f"load_pairs: skipped {n_bad} malformed record(s) in {path} (first: {first_bad})", file=sys.stderr)
     if not pairs:
         raise ValueError(f"{path}: no records" + (f" ({n_bad} malformed skipped)" if n_bad else ""))
+    n_same = sum(p.get("chosen", 0) == p.get("rejected", 1) for p in pairs)
+    if n_same:  # no gradient: DPO trains them at a constant log 2
+        print(f"load_pairs: {n_same} pair(s) in {path} have identical chosen and rejected answers", file=sys.stderr)
     return pairs
+
+def _lines(f, path):
+    """(1-based line number, line) of an open file; a truncated or corrupt .gz raises a ValueError naming it."""
+    try:
+        yield from enumerate(f, 1)
+    except (EOFError, OSError) as e:  # gzip's EOFError, BadGzipFile
+        raise ValueError(f"{path}: unreadable ({e})") from None
 
 def split_pairs(pairs, labeled_fraction, eval_size, seed):
     """Split pairs into (labeled, unlabeled, heldout): disjoint, covering all, each in file order. eval_size is a

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import shutil
 import sys
 import time
@@ -115,7 +116,10 @@ def resume(model, optimizer, args, log):
     found = checkpoints(args.out)
     if not found:
         return 0
-    state = torch.load(os.path.join(found[-1], "train_state.pt"), weights_only=True)  # tensors only: no code runs
+    try:  # weights_only: plain tensors and containers, never code that a crafted file would run
+        state = torch.load(os.path.join(found[-1], "train_state.pt"), weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{found[-1]}/train_state.pt: not a plain training state ({str(e).splitlines()[0]})") from None
     saved = load_model(found[-1], dtype=torch.float32, reward=isinstance(model, RewardModel))
     model.load_state_dict(saved.state_dict())
     optimizer.load_state_dict(state["optimizer"])

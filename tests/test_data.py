@@ -151,6 +151,31 @@ def test_empty_files_and_unknown_formats_are_clear_errors(tmp_path):
         data.load_pairs(odd, fmt="csv")
 
 
+def test_corrupt_gzip_confidence_and_record_kind_errors(tmp_path, capsys):
+    good = write_lines(tmp_path / "good.jsonl.gz", [GOOD_HH] * 50)
+    raw = open(good, "rb").read()
+    (tmp_path / "cut.jsonl.gz").write_bytes(raw[:len(raw) // 2])  # bug: gzip's EOFError escapes, unnamed
+    (tmp_path / "fake.jsonl.gz").write_bytes(b"not gzip at all\n")  # bug: BadGzipFile escapes, unnamed
+    for name in ("cut.jsonl.gz", "fake.jsonl.gz"):
+        for skip_bad in (False, True):
+            with pytest.raises(ValueError, match=f"{name}: unreadable"):
+                data.load_pairs(tmp_path / name, skip_bad=skip_bad)
+    # bug: a confidence that is a string, NaN or out of range is dropped, then reported as missing (or trained on)
+    for bad in ('"0.7"', "NaN", "1.5", "-0.1"):
+        path = write_lines(tmp_path / "c.jsonl", ['{"prompt": "p", "chosen": "a", "rejected": "b", "confidence": %s}' % bad])
+        with pytest.raises(ValueError, match="line 1: key 'confidence' must be a number in"):
+            data.load_pairs(path)
+    # bug: a pairs record without its prompt is read as HH and blamed on a missing "Assistant:" alone
+    path = write_records(tmp_path / "noprompt.jsonl", [{"chosen": "a", "rejected": "b"}])
+    with pytest.raises(ValueError, match="needs the key 'prompt'"):
+        data.load_pairs(path)
+    # bug: pairs whose two answers are equal train silently at a constant loss
+    same = write_records(tmp_path / "same.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "a"},
+                                                   {"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert len(data.load_pairs(same)) == 2
+    assert "1 pair(s)" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- split
 
 def test_split_is_seeded_disjoint_covering_and_nested():

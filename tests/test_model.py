@@ -176,6 +176,45 @@ def test_corrupted_checkpoints_raise_clear_errors(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_unreadable_files_are_named_and_shards_stay_inside_the_folder(tmp_path):
+    # each bug: the raw library error (SafetensorError, a bare tokenizers Exception, JSONDecodeError) escapes unnamed
+    hf_model("llama-gqa").save_pretrained(str(tmp_path))
+    config, weights = (tmp_path / "config.json").read_text(), (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(weights[:len(weights) // 2])  # a download cut in half
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        load_model(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(weights)
+    (tmp_path / "config.json").write_text(config[:-20])
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(config)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": [')
+    with pytest.raises(ValueError, match="tokenizer.json: not a readable tokenizer"):
+        load_tokenizer(str(tmp_path))
+    # bug: an index's shard names followed anywhere on the disk
+    os.remove(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "../x.safetensors"}}))
+    with pytest.raises(ValueError, match="outside the checkpoint folder"):
+        load_model(str(tmp_path))
+
+
+def test_saved_files_keep_the_umask_mode_and_non_finite_weights_are_never_saved(tmp_path):
+    from model import atomic_write
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "a.txt"), lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # bug: mkstemp's private 0600 kept
+    hf_model("llama-gqa").save_pretrained(str(tmp_path / "ok"))
+    model = load_model(str(tmp_path / "ok"))
+    with torch.no_grad():
+        model.h[0].mlp.up.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="h.0.mlp.up.weight"):
+        save_model(model, str(tmp_path / "nan"))
+    assert not os.path.exists(tmp_path / "nan" / "model.safetensors")
+
+
 def test_tokenizer_json_and_vocab_merges_fallback(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())

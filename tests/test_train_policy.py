@@ -1,6 +1,7 @@
 """train_policy.py: data parallel, gradient accumulation and resume all train the same model as one plain process."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -85,6 +86,90 @@ def train_policy_main(args, log):
     train_policy.add_reference_logps(model, examples, tok.pad_id, 8, torch.device("cpu"))
     train_policy.train(model, examples, tok.pad_id, args, train_policy.preference_objective, log=log)
     save_model(model, args.out)
+
+
+def test_a_kill_inside_a_checkpoint_resumes_to_the_plain_run_bitwise(tiny_world, tmp_path, monkeypatch):
+    argv = ["--model", tiny_world["model"], "--data", tiny_world["pairs"], "--max-steps", "3", "--batch-size", "8",
+            "--lr", "1e-3", "--warmup-steps", "1", "--log-every", "1", "--save-every", "1"]
+    plain = train_policy.parser().parse_args(argv + ["--out", str(tmp_path / "plain")])
+    train_policy_main(plain, print)
+    cut = train_policy.parser().parse_args(argv + ["--out", str(tmp_path / "cut")])
+    real_save, calls = torch.save, []
+
+    def killed_on_second_state(obj, path):  # step 2's weights are written, its optimizer state is not
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_save(obj, path)
+    monkeypatch.setattr(train_policy.torch, "save", killed_on_second_state)
+    with pytest.raises(KeyboardInterrupt):
+        train_policy_main(cut, print)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "cut")) == ["checkpoint-1", "checkpoint-2.tmp", "log.jsonl"]
+    cut.resume = True
+    train_policy_main(cut, print)  # bug: resuming from step-2 weights with step-1 optimizer state repeats a step
+    log = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "log.jsonl")]
+    assert log == [1, 2, 3]  # bug: the step run again is logged twice
+    assert not [n for n in os.listdir(tmp_path / "cut") if n.endswith(".tmp")]
+    plain_weights, cut_weights = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("plain", "cut"))
+    assert all(torch.equal(plain_weights[name], cut_weights[name]) for name in plain_weights)
+
+
+def test_non_finite_training_stops_and_saves_nothing(tiny_world, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train_policy.py"), "--model", tiny_world["model"], "--data",
+           tiny_world["pairs"], "--out", str(tmp_path / "x"), "--max-steps", "4", "--batch-size", "8", "--lr", "1e6",
+           "--warmup-steps", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert "error: step" in done.stderr and "gradient norm" in done.stderr  # bug: exit 0 with every weight NaN
+    assert not os.path.exists(tmp_path / "x" / "model.safetensors")
+
+
+class RunsCode:  # a pickle that runs a command when loaded
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_resume_never_runs_code_from_a_crafted_state(tiny_world, tmp_path):
+    from model import load_model, save_model
+    save_model(load_model(tiny_world["model"]), str(tmp_path / "checkpoint-1"))
+    torch.save({"optimizer": RunsCode(), "step": 1}, str(tmp_path / "checkpoint-1" / "train_state.pt"))
+    cmd = [sys.executable, os.path.join(ROOT, "train_policy.py"), "--model", tiny_world["model"], "--data",
+           tiny_world["pairs"], "--out", str(tmp_path), "--max-steps", "2", "--resume"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert not os.path.exists(tmp_path / "pwned")  # bug: torch.load(weights_only=False)
+    assert done.returncode != 0 and "not a plain training state" in done.stderr and "Traceback" not in done.stderr
+
+
+def cli_error(argv, capsys):
+    """The one line train_policy.py prints for bad input (argparse's own errors included), run in process."""
+    with pytest.raises(SystemExit) as info:
+        train_policy.run_script(train_policy.main, train_policy.parser().parse_args(argv))
+    return str(info.value.code) + capsys.readouterr().err
+
+
+def test_bad_sizes_files_and_options_are_one_clear_line(tiny_world, tmp_path, capsys):
+    from model import GPT, config_from_hf, save_model
+    base = ["--model", tiny_world["model"], "--data", tiny_world["pairs"], "--out", str(tmp_path / "x")]
+    gpt2 = dict(model_type="gpt2", vocab_size=400, n_embd=16, n_layer=1, n_head=2, n_positions=64)
+    save_model(GPT(config_from_hf(gpt2)), str(tmp_path / "gpt2"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_world["model"], name), tmp_path / "gpt2" / name)
+    cases = [  # (flags, what the line must say); each bug: a traceback, or a wrong or empty message
+        (["--batch-size", "0"], "must be a positive integer, got '0'"),      # ZeroDivisionError
+        (["--batch-size", "-2"], "must be a positive integer, got '-2'"),    # trained nothing, exit 0
+        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),      # printed only "error: 2"
+        (["--data", str(tmp_path)], str(tmp_path)),                           # IsADirectoryError
+        (["--loss-options", '{"beta": 0.5}'], "multiple values for argument 'beta'"),
+        (["--loss", "robust", "--loss-options", '{"label_smoothing": "x"}'], "--loss robust"),
+        (["--loss", "robust", "--loss-options", '{"label_smoothing": 0.5}'], "flip rate"),
+        (["--loss-options", "[1]"], "must be a JSON object"),
+        (["--model", str(tmp_path / "gpt2")], "max_position_embeddings 64"),  # IndexError in the position table
+    ]
+    for flags, message in cases:
+        line = cli_error(base + flags, capsys)
+        assert message in line and "Traceback" not in line, (flags, line)
+    assert not os.path.exists(tmp_path / "x" / "model.safetensors")
 
 
 def test_weighting_modes(tiny_world):
