@@ -21,7 +21,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 IGNORE_INDEX = -100  # a target id < 0 marks a position that is not scored (log-prob 0, gradient 0)
 # Rows of logits per chunk: [256, V] fp32 is 156 MB at V = 151,936, and M = 256 keeps the GEMMs efficient.
 DEFAULT_CHUNK_SIZE = 256
@@ -29,14 +28,12 @@ DEFAULT_CHUNK_SIZE = 256
 # ----------------------------------------------------------------------------------------------------
 # Weak labels: confidence, top-N % selection, Bradley-Terry loss
 
-
 def confidence(score_a, score_b):
     """The weak label and its confidence (arXiv 2603.04968, CW-PO's confidence score): a_wins = s_a >= s_b and
     C = 2 * (sigmoid(|s_a - s_b|) - 0.5) in [0, 1), the BT probability of the weak label rescaled from [0.5, 1).
     score_a, score_b [B] -> (a_wins [B] bool, confidence [B] fp32)."""
     score_a, score_b = score_a.float(), score_b.float()
     return score_a >= score_b, 2.0 * (torch.sigmoid((score_a - score_b).abs()) - 0.5)
-
 
 def top_fraction_mask(confidence, fraction):
     """The paper's hard selection: 1.0 for the round(fraction * B) most confident pairs (at least one when
@@ -50,7 +47,6 @@ def top_fraction_mask(confidence, fraction):
     mask[order[:keep]] = 1.0
     return mask
 
-
 def bt_loss(chosen_scores, rejected_scores, margin=None, center_coef=0.0):
     """Bradley-Terry loss per pair [B], the weak annotator's objective (arXiv 2603.04968; InstructGPT Eq. 1):
         l = -log sigmoid(r+ - r- - margin) + center_coef * (r+ + r-)^2
@@ -62,10 +58,8 @@ def bt_loss(chosen_scores, rejected_scores, margin=None, center_coef=0.0):
         diff = diff - margin
     return -F.logsigmoid(diff) + center_coef * (chosen_scores + rejected_scores) ** 2
 
-
 # ----------------------------------------------------------------------------------------------------
 # CW-PO: per-pair weights on any loss
-
 
 def weighted_mean(losses, weights, normalize="mean"):
     """CW-PO's objective (arXiv 2603.04968): L = mean_i(w_i * l_i), w_i the annotator's confidence C_i (CW-PO),
@@ -87,7 +81,6 @@ def weighted_mean(losses, weights, normalize="mean"):
     if normalize == "sum":
         return weighted.sum()
     raise ValueError(f"unknown normalize {normalize!r}; known: mean, sum_w, sum")
-
 
 def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="sigmoid", beta=0.1, normalize="mean",
                loss_weights=None, ld_alpha=None, use_weighting=False, chunk_size=DEFAULT_CHUNK_SIZE, **options):
@@ -134,13 +127,11 @@ def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="si
                    "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item()}
     return loss, metrics
 
-
 # ----------------------------------------------------------------------------------------------------
 # Pairwise preference losses, per pair [B]. Notation: u+ = log pi(y+|x) - log pi_ref(y+|x), u- likewise,
 # s(u) the f-divergence score (s(u) = u for the reverse KL of DPO), delta = s(u+) - s(u-), n+- answer lengths.
 # Conventions (lengths, batch-level means, label smoothing) are those of TRL 1.16's DPOTrainer / CPOTrainer /
 # ORPOTrainer, to which tests/test_cwpo_trl.py compares them.
-
 
 def f_divergence_score(logratios, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
     """f-DPO's implicit reward s(u) = f'(pi / pi_ref) (Wang et al. 2024, "Beyond Reverse KL", arXiv 2309.16240):
@@ -160,24 +151,20 @@ def f_divergence_score(logratios, f_divergence_type="reverse_kl", f_alpha_diverg
     raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; known: reverse_kl, forward_kl, "
                      "js_divergence, alpha_divergence")
 
-
 def smoothed_sigmoid_loss(logits, label_smoothing=0.0):
     """-(1 - e) log sigmoid(z) - e log sigmoid(-z): DPO (Rafailov et al. 2023, Eq. 7) with z = beta * delta;
     e > 0 is the conservative cDPO of the original DPO code (Mitchell 2023, "A note on DPO with noisy
     preferences"), also CPO's and SimPO's label smoothing and AOT's."""
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
-
 def hinge_loss(delta, beta):
     """SLiC-HF's rank-calibration hinge (Zhao et al. 2023, arXiv 2305.10425): max(0, 1 - beta * delta)."""
     return torch.relu(1 - beta * delta)
-
 
 def ipo_loss(chosen_scores, rejected_scores, chosen_n, rejected_n, beta):
     """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17), length-normalized as TRL (confirmed with the authors):
     (s(u+) / n+ - s(u-) / n- - 1 / (2 beta))^2."""
     return (chosen_scores / chosen_n.clamp(min=1) - rejected_scores / rejected_n.clamp(min=1) - 1 / (2 * beta)) ** 2
-
 
 def exo_pair_loss(delta, beta, label_smoothing):
     """EXO (Ji et al. 2024, arXiv 2402.00856, Eq. 16), KL(q || p) over {y+, y-} with q = softmax(beta * delta)
@@ -188,13 +175,11 @@ def exo_pair_loss(delta, beta, label_smoothing):
     return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-label_smoothing))
             + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(label_smoothing)))
 
-
 def nca_pair_loss(chosen_logratios, rejected_logratios, beta):
     """NCA for one pair (Chen et al. 2024, arXiv 2402.05369), as TRL:
     -log sigmoid(beta u+) - 1/2 log sigmoid(-beta u+) - 1/2 log sigmoid(-beta u-)."""
     chosen, rejected = beta * chosen_logratios, beta * rejected_logratios
     return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
-
 
 def robust_loss(delta, beta, label_smoothing):
     """rDPO (Chowdhury et al. 2024, arXiv 2403.00409), e the label-flip rate in [0, 0.5):
@@ -204,18 +189,15 @@ def robust_loss(delta, beta, label_smoothing):
     z = beta * delta
     return (-(1 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (1 - 2 * label_smoothing)
 
-
 def bco_pair_loss(chosen_logratios, rejected_logratios, beta):
     """BCO on pairs (Jung et al. 2024, arXiv 2404.04656), without the running reward shift, as TRL 1.16:
     -log sigmoid(beta u+) - log sigmoid(-beta u-)."""
     return -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
 
-
 def sppo_hard_loss(chosen_logratios, rejected_logratios, beta):
     """SPPO (Wu et al. 2024, arXiv 2405.00675, Eq. 4.7) with hard win probabilities 1 / 0:
     (u+ - 1 / (2 beta))^2 + (u- + 1 / (2 beta))^2."""
     return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
-
 
 def aot_loss(policy_margins, ref_margins, beta, label_smoothing=0.0):
     """AOT (Melnyk et al. 2024, arXiv 2406.05882): the smoothed DPO loss on sorted quantities,
@@ -223,7 +205,6 @@ def aot_loss(policy_margins, ref_margins, beta, label_smoothing=0.0):
     policy and reference; unpaired: u+ and u-. Sorting mixes pairs: the k-th loss belongs to no single pair."""
     delta = torch.sort(policy_margins).values - torch.sort(ref_margins).values
     return smoothed_sigmoid_loss(beta * delta, label_smoothing)
-
 
 def apo_loss(chosen_logratios, rejected_logratios, beta, down=False):
     """APO (D'Oosterlinck et al. 2024, arXiv 2408.06266). apo_zero (Eq. 7): 1 - sigmoid(beta u+) + sigmoid(beta u-);
@@ -233,7 +214,6 @@ def apo_loss(chosen_logratios, rejected_logratios, beta, down=False):
         return torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * margin)
     return 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
 
-
 def discopop_loss(delta, beta, tau=0.05):
     """DiscoPOP (Lu et al. 2024, arXiv 2406.08414, Eq. 5), z = beta * delta, m = sigmoid(z / tau):
     (1 - m) (-log sigmoid(z)) + m exp(-z)."""
@@ -241,19 +221,16 @@ def discopop_loss(delta, beta, tau=0.05):
     mix = torch.sigmoid(z / tau)
     return (1 - mix) * -F.logsigmoid(z) + mix * torch.exp(-z)
 
-
 def nll_loss(chosen_logps, chosen_n):
     """Token-level NLL of the chosen answers, spread over pairs: -log pi(y+_i) / mean_j(n+_j), so that the mean
     over the batch is -sum log p / (number of chosen tokens), TRL's "sft" loss and CPO's NLL term."""
     return -chosen_logps / chosen_n.float().mean().clamp(min=1)
-
 
 def simpo_loss(chosen_logps, rejected_logps, chosen_n, rejected_n, beta, simpo_gamma=0.5, label_smoothing=0.0):
     """SimPO (Meng et al. 2024, arXiv 2405.14734, Eq. 6), reference-free, with TRL CPO's label smoothing:
     z = beta (log pi(y+) / n+ - log pi(y-) / n-) - gamma, loss = smoothed_sigmoid_loss(z)."""
     margin = chosen_logps / chosen_n.clamp(min=1) - rejected_logps / rejected_n.clamp(min=1)
     return smoothed_sigmoid_loss(beta * (margin - simpo_gamma / beta), label_smoothing)
-
 
 def orpo_loss(chosen_logps, rejected_logps, chosen_n, rejected_n, beta):
     """ORPO (Hong et al. 2024, arXiv 2403.07691, Eqs. 4 and 7), beta = lambda, on mean token log-probs l+- :
@@ -267,12 +244,10 @@ def orpo_loss(chosen_logps, rejected_logps, chosen_n, rejected_n, beta):
     ratio = F.logsigmoid(log_odds(chosen_mean) - log_odds(rejected_mean))
     return nll_loss(chosen_logps, chosen_n) - beta * ratio
 
-
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "cpo", "orpo")
 # f-DPO only keeps its meaning where the reward enters as the difference delta (TRL raises for the others)
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-
 
 def preference_loss(loss_type, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
                     beta=0.1, chosen_n_tokens=None, rejected_n_tokens=None, label_smoothing=0.0, cdpo=0.0,
@@ -339,10 +314,8 @@ def preference_loss(loss_type, chosen_logps, rejected_logps, ref_chosen_logps=No
         return apo_loss(chosen_logratios, rejected_logratios, beta, down=loss_type == "apo_down")
     return discopop_loss(delta, beta, discopop_tau)
 
-
 # ----------------------------------------------------------------------------------------------------
 # Per-sequence log-probs: the one log-prob function every script calls
-
 
 def ld_weighted_logps(token_logps, mask, ld_alpha):
     """LD-DPO's length-desensitized log-prob (Liu et al. 2024, arXiv 2409.06411), as TRL's `ld_alpha`:
@@ -353,7 +326,6 @@ def ld_weighted_logps(token_logps, mask, ld_alpha):
     shared = torch.minimum(chosen_len, rejected_len).repeat(2)[:, None]
     scale = torch.where(position <= shared, 1.0, ld_alpha) * mask
     return (token_logps * scale).sum(dim=1)
-
 
 def sequence_logps(model, input_ids, attention_mask, completion_mask, chunk_size=DEFAULT_CHUNK_SIZE,
                    ld_alpha=None, wpo=False):
@@ -385,15 +357,12 @@ def sequence_logps(model, input_ids, attention_mask, completion_mask, chunk_size
         out["wpo_weights"] = torch.exp(aligned.sum(dim=1) / n_tokens.clamp(min=1))
     return out
 
-
 # ----------------------------------------------------------------------------------------------------
 # Fused LM head + log-softmax + gather, chunked over tokens
-
 
 def _acc_dtype(dtype):
     """Accumulation dtype: fp64 for fp64 inputs (exact tests), else fp32 (also for bf16 / fp16 inputs)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _chunk_logits(hidden, weight, bias):
     """Logits [n, V] of one chunk of hidden states [n, d] in the accumulation dtype (matmul in the inputs' dtype,
@@ -402,7 +371,6 @@ def _chunk_logits(hidden, weight, bias):
     if bias is not None:
         logits += bias
     return logits.to(_acc_dtype(logits.dtype))
-
 
 class FusedLogProbs(torch.autograd.Function):
     """logps[i] = log softmax(hidden[i] @ weight.T + bias)[targets[i]], never holding more than [chunk_size, V] logits.
@@ -469,7 +437,6 @@ class FusedLogProbs(torch.autograd.Function):
             del logits, dlogits
         return None if grad_hidden is None else grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None, None
 
-
 def token_logps(hidden, weight, targets, bias=None, chunk_size=DEFAULT_CHUNK_SIZE):
     """Per-token log p(targets | hidden) [N] fp32 (fp64 for fp64 inputs) via FusedLogProbs; targets < 0 give 0.
 
@@ -486,7 +453,6 @@ def token_logps(hidden, weight, targets, bias=None, chunk_size=DEFAULT_CHUNK_SIZ
     with torch.autocast(device_type, enabled=False):
         return FusedLogProbs.apply(hidden, weight, bias, targets, chunk_size)
 
-
 @torch.no_grad()
 def token_log_sum_sq_probs(hidden, weight, bias=None, chunk_size=DEFAULT_CHUNK_SIZE):
     """log sum_v p_v^2 per row [N] fp32, chunked like FusedLogProbs, no gradient: WPO's sampling correction
@@ -496,5 +462,4 @@ def token_log_sum_sq_probs(hidden, weight, bias=None, chunk_size=DEFAULT_CHUNK_S
         logits = _chunk_logits(hidden[start:start + chunk_size], weight, bias).float()
         out[start:start + chunk_size] = torch.logsumexp(2 * logits, dim=1) - 2 * torch.logsumexp(logits, dim=1)
     return out
-
 

@@ -25,7 +25,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 ACTIVATIONS["gelu_pytorch_tanh"] = ACTIVATIONS["gelu_new"]
 
-
 @dataclass
 class Config:
     """What the decoder needs of a config.json, in its own names (config_from_hf maps each family's)."""
@@ -58,7 +57,6 @@ class Config:
     @property
     def layernorm(self):
         return self.model_type in ("gpt2", "opt")
-
 
 def config_from_hf(hf):
     """Config from a config.json dict, in both layouts: older (rope_theta, torch_dtype) and transformers 5
@@ -99,7 +97,6 @@ def config_from_hf(hf):
                       qkv_bias=family == "qwen2" or bias, o_bias=bias, mlp_bias=hf.get("mlp_bias", False), **common)
     raise ValueError(f"config.json: unsupported model_type {family!r} (supported: gpt2, opt, qwen2, llama)")
 
-
 class RMSNorm(nn.Module):
     """weight * x / sqrt(mean(x^2) + eps) (Llama, Qwen2)."""
     def __init__(self, d, eps):
@@ -110,17 +107,14 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-
 def make_norm(cfg):
     """LayerNorm with bias (GPT-2, OPT) or RMSNorm (Llama, Qwen2)."""
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.layernorm else RMSNorm(cfg.d_model, cfg.norm_eps)
-
 
 def rotate(x, cos, sin):
     """Rotate-half RoPE; x [B, H, T, hd], cos / sin [B, 1, T, hd]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
 
 class Attention(nn.Module):
     """Causal self-attention: fused q|k|v, grouped-query heads, RoPE for Llama / Qwen2, an optional KV cache."""
@@ -146,7 +140,6 @@ class Attention(nn.Module):
                                            enable_gqa=c.n_kv_head != c.n_head)
         return self.o(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
 
-
 class MLP(nn.Module):
     """SwiGLU down(act(gate(x)) * up(x)) for Llama / Qwen2, down(act(up(x))) for GPT-2 / OPT."""
     def __init__(self, cfg):
@@ -158,7 +151,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down(self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x)))
-
 
 class Block(nn.Module):
     """One layer: pre-norm x + f(norm(x)), or the post-norm norm(x + f(x)) of OPT-350m."""
@@ -173,7 +165,6 @@ class Block(nn.Module):
             return x + self.mlp(self.ln_2(x))
         x = self.ln_1(x + self.attn(x, rope, mask, cache, start))
         return self.ln_2(x + self.mlp(x))
-
 
 class GPT(nn.Module):
     """The decoder: embeddings, blocks, final norm and, unless lm_head=False, the LM head."""
@@ -251,7 +242,6 @@ class GPT(nn.Module):
         dtype = self.wte.weight.dtype
         return pos, mask, (angles.cos().to(dtype), angles.sin().to(dtype))
 
-
 class RewardModel(nn.Module):
     """pi_w(x, y) -> R: the backbone with its LM head replaced by a linear layer to one output.
 
@@ -275,7 +265,6 @@ class RewardModel(nn.Module):
         else:
             last = (attention_mask * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(-1)
         return self.score(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]).squeeze(-1).float()
-
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoint names: our module -> the Hugging Face module(s) it is made of, per family, without the
@@ -306,7 +295,6 @@ IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers 
 CONV1D = ("attn.qkv", "attn.o", "mlp.up", "mlp.down")  # GPT-2 modules stored as [in, out]
 HEADS = ("lm_head.weight", "score.weight")  # stored without the family prefix
 
-
 def hf_names(cfg, ours):
     """Our parameter name -> (its HF tensor names, transposed?); e.g. "h.3.attn.qkv.weight" ->
     (("layers.3.self_attn.q_proj.weight", "layers.3.self_attn.k_proj.weight", ...), False)."""
@@ -318,7 +306,6 @@ def hf_names(cfg, ours):
     theirs = (theirs,) if isinstance(theirs, str) else theirs
     conv1d = cfg.model_type == "gpt2" and kind == "weight" and module.endswith(CONV1D)
     return tuple(n.format(i=layer) + "." + kind for n in theirs), conv1d
-
 
 def read_safetensors(path):
     """-> {name without family prefix: (file, name in file)} over one file or a sharded index."""
@@ -344,7 +331,6 @@ def read_safetensors(path):
             where[short] = (os.path.join(path, name), key)
     return where
 
-
 def read_json(path):
     """A JSON file's content; malformed JSON raises a ValueError that names the file."""
     with open(path, encoding="utf-8") as f:
@@ -352,7 +338,6 @@ def read_json(path):
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
-
 
 def load_model(path, dtype=None, device="cpu", reward=False):
     """Load a local HF checkpoint folder as a GPT (or, with reward=True, a RewardModel).
@@ -404,7 +389,6 @@ def load_model(path, dtype=None, device="cpu", reward=False):
     cfg.dtype = str(dtype).replace("torch.", "")
     return model.to(device)
 
-
 def save_model(model, path):
     """Write config.json + model.safetensors into the folder `path` in the HF layout, each file atomically."""
     cfg, reward = model.config, isinstance(model, RewardModel)
@@ -429,7 +413,6 @@ def save_model(model, path):
     atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(os.path.join(path, "config.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf, indent=2)))
 
-
 def atomic_write(path, write):
     """write(tmp_path) into a temporary file beside `path`, then rename it over `path`: never half a file.
     The file gets the mode a plain open() would give it (the umask's), not mkstemp's private 0600."""
@@ -445,7 +428,6 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
 
 def load_tokenizer(path):
     """A tokenizers.Tokenizer from tokenizer.json, or from vocab.json + merges.txt (GPT-2/OPT folders).
@@ -483,7 +465,6 @@ def load_tokenizer(path):
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
                                                            special_tokens=[(bos, tok.bos_id)])
     return tok
-
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=1.0, generator=None):

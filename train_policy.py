@@ -26,7 +26,6 @@ from model import RewardModel, atomic_write, load_model, load_tokenizer, save_mo
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
-
 def distributed():
     """(rank, world size, device): torchrun's environment when present, else one process."""
     cuda = torch.cuda.is_available()
@@ -37,7 +36,6 @@ def distributed():
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
-
 
 def pair_weights(pairs, weighting, top_fraction):
     """-> (pairs, weights): CW-PO's confidence, all ones, or the top-N % most confident pairs with weight 1."""
@@ -50,7 +48,6 @@ def pair_weights(pairs, weighting, top_fraction):
         return pairs, confidence.tolist()
     keep = cwpo.top_fraction_mask(confidence, top_fraction).bool().tolist()  # hard selection: the others are dropped
     return [p for p, k in zip(pairs, keep) if k], [1.0] * sum(keep)
-
 
 @torch.no_grad()
 def add_reference_logps(model, examples, pad_id, batch_size, device, ld_alpha=None, bf16=False):
@@ -66,13 +63,11 @@ def add_reference_logps(model, examples, pad_id, batch_size, device, ld_alpha=No
         for ex, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
 
-
 def lr_at(step, total, args):
     """Linear warmup, then linear decay to 10 % of the peak."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     return args.lr * (1.0 - 0.9 * (step - args.warmup_steps) / max(1, total - args.warmup_steps))
-
 
 # Per-micro-batch objectives: (model, batch tensors, the micro-batch's examples, args) -> (summed loss, metrics).
 # Each returns a SUM over its examples; train() divides once by the global batch's denominator.
@@ -82,7 +77,6 @@ def sft_objective(model, batch, micro, args):
     logps = cwpo.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])["logps"]
     return -logps.sum(), {}
 
-
 def preference_objective(model, batch, micro, args):
     """sum_i w_i * l_i over the micro-batch's pairs, l = args.loss against the stored reference log-probs."""
     device = batch["input_ids"].device
@@ -91,12 +85,10 @@ def preference_objective(model, batch, micro, args):
     return cwpo.batch_loss(model, batch, ref_chosen, ref_rejected, loss_type=args.loss, beta=args.beta,
                            normalize="sum", **args.loss_options)
 
-
 def checkpoints(out):
     """Complete checkpoint folders OUT/checkpoint-STEP, oldest first."""
     names = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()]
     return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n.split("-", 1)[1]))]
-
 
 def save_checkpoint(model, optimizer, step, args):
     """Weights and optimizer state of one step, written into a temporary folder that one rename makes
@@ -108,7 +100,6 @@ def save_checkpoint(model, optimizer, step, args):
     os.replace(tmp, os.path.join(args.out, f"checkpoint-{step}"))
     for old in checkpoints(args.out)[:-1]:
         shutil.rmtree(old)
-
 
 def resume(model, optimizer, args, log):
     """Load the newest complete checkpoint into model and optimizer -> its step (0 when there is none). log.jsonl
@@ -129,7 +120,6 @@ def resume(model, optimizer, args, log):
         atomic_write(log_file, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
     log(f"resumed from {found[-1]} at step {state['step']}")
     return state["step"]
-
 
 def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device=torch.device("cpu"), log=print):
     """Train `model` in place on encoded examples with `objective` (sft_objective, preference_objective, or
@@ -207,12 +197,10 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
             save_checkpoint(model, optimizer, step, args)
     return model
 
-
 def encode_pairs(tok, pairs, args):
     """Preference pairs -> encoded pairs (data.encode_pair), truncated to --max-prompt-len / --max-answer-len."""
     return [data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len, args.max_answer_len)
             for p in pairs]
-
 
 def encode_examples(tok, pairs, args):
     """Pairs -> encoded examples: chosen answers only for SFT, else preference pairs with their weights."""
@@ -224,7 +212,6 @@ def encode_examples(tok, pairs, args):
     for ex, w in zip(examples, weights):
         ex["weight"] = w
     return examples
-
 
 def main(args):
     rank, world_size, device = distributed()
@@ -256,19 +243,16 @@ def main(args):
         sys.stderr.flush()
         os._exit(0)
 
-
 def check_lengths(cfg, args):
     """Learned position tables (GPT-2, OPT) end at max_position_embeddings: longer sequences cannot be embedded."""
     if cfg.model_type in ("gpt2", "opt") and args.max_prompt_len + args.max_answer_len > cfg.max_pos:
         raise ValueError(f"--max-prompt-len {args.max_prompt_len} + --max-answer-len {args.max_answer_len} exceed "
                          f"{args.model}'s max_position_embeddings {cfg.max_pos}")
 
-
 def positive_int(text):
     if not text.lstrip("-").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return int(text)
-
 
 def check_loss(args):
     """Fail before any work where --loss and --loss-options would fail in training (an unknown name, a clash with a
@@ -281,7 +265,6 @@ def check_loss(args):
     except (TypeError, ValueError) as e:
         raise ValueError(f"--loss {args.loss} --loss-options {json.dumps(args.loss_options)}: {e}") from None
 
-
 def json_object(text):
     """--loss-options, parsed once: a JSON object."""
     try:
@@ -291,7 +274,6 @@ def json_object(text):
     if not isinstance(options, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return options
-
 
 def add_training_args(p):
     """Flags shared with train_weak.py: data, model, optimization, logging."""
@@ -321,7 +303,6 @@ def add_training_args(p):
     p.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-STEP")
     return p
 
-
 def parser():
     p = add_training_args(argparse.ArgumentParser(description=__doc__,
                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -336,7 +317,6 @@ def parser():
     p.add_argument("--top-fraction", type=float, default=0.3, help="--weighting top: the share of pairs kept")
     return p
 
-
 def run_script(main, args):
     """main(args), with bad input (a missing or unreadable file, a malformed record, a bad value, a loss that
     is no longer finite) reported as one line naming the file, line, key or step: no traceback."""
@@ -346,7 +326,6 @@ def run_script(main, args):
         raise SystemExit(f"error: {e}")
     except (ValueError, KeyError, FloatingPointError) as e:
         raise SystemExit(f"error: {e.args[0] if e.args else e}")
-
 
 if __name__ == "__main__":
     run_script(main, parser().parse_args())

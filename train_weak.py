@@ -23,7 +23,6 @@ import data
 import train_policy
 from model import atomic_write, load_model, load_tokenizer, save_model
 
-
 def bt_objective(model, batch, micro, args):
     """The annotator's loss for train_policy.train: sum_i w_i * BT loss of the pair's scalar scores (cwpo.bt_loss),
     the score read at the last token of prompt + answer."""
@@ -32,7 +31,6 @@ def bt_objective(model, batch, micro, args):
     metrics = {"accuracy": (chosen_scores > rejected_scores).float().mean().item(),
                "margin": (chosen_scores - rejected_scores).mean().item()}
     return (losses * batch["weight"]).sum(), metrics
-
 
 @torch.no_grad()
 def score_pairs(rm, tok, pairs, args, device, log=print):
@@ -50,7 +48,6 @@ def score_pairs(rm, tok, pairs, args, device, log=print):
             log(f"scored {done}/{len(pairs)} pairs | ETA {eta / 60:.1f} min")
     return torch.cat(first), torch.cat(second)
 
-
 def weak_labels(pairs, score_a, score_b):
     """Relabel pairs by the annotator: the higher-scoring answer becomes "chosen", with its confidence C.
     `human_agrees` records whether the annotator kept the pair's original order (for reports only)."""
@@ -61,7 +58,6 @@ def weak_labels(pairs, score_a, score_b):
         labeled.append({"prompt": p["prompt"], "chosen": chosen, "rejected": rejected, "score_chosen": max(sa, sb),
                         "score_rejected": min(sa, sb), "confidence": c, "human_agrees": int(win)})
     return labeled
-
 
 def annotator_report(confidence, correct, n_bins=10):
     """How good the weak labels are: accuracy with a 95 % interval (normal approximation), accuracy within the
@@ -85,10 +81,8 @@ def annotator_report(confidence, correct, n_bins=10):
     report["ece"] = float(sum(abs(b["mean_p"] - b["accuracy"]) * b["pairs"] / len(p) for b in report["bins"]))
     return report
 
-
 def write_jsonl(path, records):
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
-
 
 def train_annotator(labeled, args, device, log=print):
     """A reward model from args.model, trained with BT on the labeled pairs; -> (model, tokenizer)."""
@@ -98,7 +92,6 @@ def train_annotator(labeled, args, device, log=print):
     train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), tok.pad_id, args, bt_objective,
                        device=device, log=log)
     return rm, tok
-
 
 def main(args):
     _, _, device = train_policy.distributed()
@@ -132,7 +125,6 @@ def main(args):
     mean_confidence = np.mean([label["confidence"] for label in labels])
     print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence {mean_confidence:.3f})")
 
-
 def parser():
     p = train_policy.add_training_args(argparse.ArgumentParser(description=__doc__,
                                                                formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -142,7 +134,6 @@ def parser():
     p.add_argument("--eval-size", type=float, default=0.1, help="held-out pairs: a fraction (< 1) or a count")
     p.add_argument("--unlabeled", help="label this file of (prompt, answer_a, answer_b) pairs instead of the rest")
     return p
-
 
 if __name__ == "__main__":
     train_policy.run_script(main, parser().parse_args())
