@@ -168,7 +168,8 @@ def table(results, args, seconds):
         per_seed = " / ".join(f"{r['gra']:.1f}" for r in rows)
         lines.append(f"| {name} | {np.mean([r['gra'] for r in rows]):.1f} | {per_seed} | "
                      f"{np.mean([r['mean_reward'] for r in rows]):+.3f} | {rows[0]['pairs']} |")
-    ann = {k: np.mean([r["annotator_vs_gold"][k] for r in results]) for k in results[0]["annotator_vs_gold"]}
+    ann = {k: np.mean([r["annotator_vs_gold"][k] for r in results]) for k in results[0]["annotator_vs_gold"]
+           if k != "bins"}
     lines += ["", f"Annotator (weak model, {args.labeled_fraction:.0%} labels) on the unlabeled pairs: accuracy vs gold "
               f"{ann['accuracy']:.3f} (top 10/30/50 % confident: {ann['accuracy_top10']:.3f} / {ann['accuracy_top30']:.3f} / "
               f"{ann['accuracy_top50']:.3f}), ECE {ann['ece']:.3f}; agreement with human labels "
