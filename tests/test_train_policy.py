@@ -155,10 +155,10 @@ def test_one_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_world, t
     seen = {}
     clip = torch.nn.utils.clip_grad_norm_
 
-    def record_then_clip(params, max_norm, *a, **k):
+    def record_then_clip(params, limit, *a, **k):
         params = list(params)
         seen.update({id(p): p.grad.detach().clone() for p in params})
-        return clip(params, max_norm, *a, **k)
+        return clip(params, limit, *a, **k)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
     train_policy.train(policy, examples, tok.pad_id, args, train_policy.preference_objective, log=lambda msg: None)
     logged = json.loads(open(tmp_path / "log.jsonl").readline())
@@ -185,9 +185,9 @@ def test_one_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_world, t
 
     # AdamW's first step from that gradient: clipped to max_norm, lr of step 0 under linear warmup, betas (0.9, 0.95).
     # Adam's first step is lr * g / (|g| + eps), about lr * sign(g) whatever the scale of g; max_norm is chosen so
-    # that the clipped |g| is near eps = 1e-8, where the update depends on g's scale too (clipping, normalization).
+    # that the clipped |g| is near eps = 1e-8, where the update also depends on the clipped scale.
     norm = torch.cat([g.flatten() for g in grads.values()]).norm()
-    scale, step_lr = max_norm / (norm + 1e-6), lr * 1 / warmup
+    scale, step_lr = max_norm / (norm + 1e-6), lr * (0 + 1) / warmup
     for name, g in grads.items():
         g = g * scale
         m, v = (1 - 0.9) * g, (1 - 0.95) * g * g
