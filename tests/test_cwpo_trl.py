@@ -426,3 +426,130 @@ def test_reward_pooling_when_pad_is_eos(world, reward_world, tmp_path):
         scores = trainer.model.score(hf.hidden_states[-1])[..., 0]  # [R, T] score at every position
     torch.testing.assert_close(ours, scores[rows, last], rtol=1e-5, atol=1e-5)  # ours: at the EOS
     torch.testing.assert_close(hf.logits[:, 0], scores[rows, last - 1], rtol=1e-5, atol=1e-5)  # HF: the one before
+
+
+# --- issue 10: weights, gradients, autocast
+# f-divergences and options beyond the cases above, all accepted by TRL 1.16's DPOTrainer (f-DPO is allowed for
+# sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop and sft; WPO for every loss but aot / aot_unpaired).
+# The log 2 of js_divergence cancels in delta = s(u+) - s(u-) but not in the length-normalized ipo / sigmoid_norm.
+
+MORE_DPO_CASES = {
+    "js_divergence_ipo": {"loss_type": "ipo", "beta": 0.5, "f_divergence_type": "js_divergence"},
+    "js_divergence_sigmoid_norm": {"loss_type": "sigmoid_norm", "f_divergence_type": "js_divergence"},
+    "alpha_divergence_sigmoid_norm": {"loss_type": "sigmoid_norm", "f_divergence_type": "alpha_divergence",
+                                      "f_alpha_divergence_coef": 0.3},
+    "alpha_divergence_ipo_coef": {"loss_type": "ipo", "f_divergence_type": "alpha_divergence",
+                                  "f_alpha_divergence_coef": 1.7},
+    "alpha_divergence_coef_1": {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0},
+    "forward_kl_hinge": {"loss_type": "hinge", "beta": 0.5, "f_divergence_type": "forward_kl"},
+    "forward_kl_exo_pair": {"loss_type": "exo_pair", "label_smoothing": 1e-2, "f_divergence_type": "forward_kl"},
+    "forward_kl_discopop": {"loss_type": "discopop", "discopop_tau": 0.3, "f_divergence_type": "forward_kl"},
+    "aot_unpaired_smoothed": {"loss_type": "aot_unpaired", "label_smoothing": 0.2},
+    "wpo_combination": {"loss_type": ["sigmoid", "bco_pair", "ipo"], "loss_weights": [0.7, 0.3, 0.05],
+                        "use_weighting": True},
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_DPO_CASES))
+def test_more_dpo_options_match_trl(world, tmp_path, case):
+    """Loss and gradients against DPOTrainer on the batch, then (except for aot) the C-weighted loss against
+    TRL's one-example losses, as test_dpo_loss_and_grads_match_trl and the weighted test above."""
+    options = MORE_DPO_CASES[case]
+    trainer = dpo_trainer(world, tmp_path, options)
+    batch = collate(trainer)
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+    world.ours.zero_grad(set_to_none=True)
+    ref_chosen, ref_rejected = our_ref_logps(world, batch)
+    loss, _ = cwpo.batch_loss(world.ours, our_batch(batch), ref_chosen, ref_rejected, **options)
+    loss.backward()
+    torch.testing.assert_close(loss, trl_loss.detach(), rtol=1e-5, atol=1e-5)
+    assert_grads_close(world.ours, trainer.model)
+    if "aot" in case:
+        return
+    with torch.no_grad():
+        per_example = torch.stack([trainer.compute_loss(trainer.model, collate(trainer, [i]))
+                                   for i in range(N_EXAMPLES)])
+        weights = confidences()
+        loss, _ = cwpo.batch_loss(world.ours, our_batch(batch, weights), ref_chosen, ref_rejected, **options)
+    torch.testing.assert_close(loss, (weights * per_example).mean(), rtol=1e-5, atol=1e-5)
+
+
+# Weighted gradients: d mean_i(C_i l_i) = sum_i C_i d l_i / B, built from TRL's one-example backward passes, and the
+# same for "sum_w" with sum_i C_i in place of B. The value tests above run under no_grad and cannot see a weight
+# that reaches the loss but not its gradient (a detached weight, a weight applied to a logged copy).
+
+def trl_weighted_grads(trainer, term):
+    """Backward of term(i, batch of example i) for every example into trainer.model's .grad -> sum of the terms."""
+    trainer.model.zero_grad(set_to_none=True)
+    terms = [term(i, collate(trainer, [i])) for i in range(N_EXAMPLES)]
+    for t in terms:
+        t.backward()
+    return torch.stack(terms).detach().sum()
+
+
+def scale_grads(model, factor):
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+@pytest.mark.parametrize("case", ["sigmoid", "ipo", "robust", "js_divergence_robust", "wpo_ipo"])
+def test_confidence_weighted_dpo_gradients_match_trl(world, tmp_path, case):
+    options = DPO_CASES[case]
+    trainer = dpo_trainer(world, tmp_path, options)
+    weights = confidences()
+    trl_weighted_grads(trainer, lambda i, b: weights[i] / N_EXAMPLES * trainer.compute_loss(trainer.model, b))
+    batch = collate(trainer)
+    ref_chosen, ref_rejected = our_ref_logps(world, batch, options.get("ld_alpha"))
+    for normalize in ("mean", "sum_w"):
+        world.ours.zero_grad(set_to_none=True)
+        loss, _ = cwpo.batch_loss(world.ours, our_batch(batch, weights), ref_chosen, ref_rejected,
+                                  normalize=normalize, **options)
+        loss.backward()
+        if normalize == "sum_w":
+            scale_grads(trainer.model, N_EXAMPLES / weights.sum().item())
+        assert_grads_close(world.ours, trainer.model)
+
+
+def test_confidence_weighted_cpo_matches_trl_values_and_gradients(world, tmp_path):
+    """CPO = (c)DPO without reference + alpha * NLL, where TRL's NLL is a token-level mean over the batch. From TRL's
+    one-example loss l_i and NLL m_i (its concatenated_forward): s_i = l_i - alpha m_i, and the C-weighted batch
+    loss is sum_i C_i s_i / B + alpha sum_i C_i n_i m_i / sum_j n_j (n_i the chosen answer's scored tokens)."""
+    fields, options = CPO_CASES["cpo_smoothed"]
+    alpha = fields["cpo_alpha"]
+    trainer = experimental_trainer(world, tmp_path, CPOTrainer, CPOConfig, fields)
+    layout = concatenated(trainer, collate(trainer))
+    n = layout["completion_mask"][:N_EXAMPLES, 1:].sum(dim=1).float()
+    weights = confidences()
+
+    def weighted_example(i, b):  # C_i s_i / B + alpha C_i n_i m_i / sum n, with s_i = l_i - alpha m_i
+        loss, nll = trainer.compute_loss(trainer.model, b), trainer.concatenated_forward(trainer.model, b)[4]
+        return weights[i] * ((loss - alpha * nll) / N_EXAMPLES + alpha * n[i] / n.sum() * nll)
+    expected = trl_weighted_grads(trainer, weighted_example)
+    world.ours.zero_grad(set_to_none=True)
+    loss, _ = cwpo.batch_loss(world.ours, our_batch(layout, weights), None, None, **options)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert_grads_close(world.ours, trainer.model)
+
+
+def test_confidence_weighted_orpo_matches_trl_values_and_gradients(world, tmp_path):
+    """ORPO = answer-only NLL - beta log sigmoid(log odds ratio). From TRL's one-example loss l_i and its
+    prompt+answer NLL f_i: r_i = l_i - f_i; with a_i the answer-only NLL (naive cross-entropy), the C-weighted
+    batch loss is sum_i C_i r_i / B + sum_i C_i n_i a_i / sum_j n_j."""
+    trainer = experimental_trainer(world, tmp_path, ORPOTrainer, ORPOConfig, {"beta": 0.8})
+    layout = concatenated(trainer, collate(trainer))
+    n = layout["completion_mask"][:N_EXAMPLES, 1:].sum(dim=1).float()
+    weights = confidences()
+
+    def weighted_example(i, b):  # C_i r_i / B + C_i n_i a_i / sum n, with r_i = l_i - f_i
+        ratio = trainer.compute_loss(trainer.model, b) - trainer.concatenated_forward(trainer.model, b)[4]
+        answer_nll = naive_answer_nll(trainer.model, concatenated(trainer, b))
+        return weights[i] * (ratio / N_EXAMPLES + n[i] / n.sum() * answer_nll)
+    expected = trl_weighted_grads(trainer, weighted_example)
+    world.ours.zero_grad(set_to_none=True)
+    loss, _ = cwpo.batch_loss(world.ours, our_batch(layout, weights), None, None, loss_type="orpo", beta=0.8)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert_grads_close(world.ours, trainer.model)

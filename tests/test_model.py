@@ -249,3 +249,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(pair):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+# --- issue 10: weights, gradients, autocast
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_lm_checkpoint_becomes_reward_model_with_transformers_scores(name, tmp_path):
+    """A causal-LM checkpoint loaded with reward=True scores like transformers' *ForSequenceClassification built
+    from the same folder, given our fresh scalar head, on a right-padded batch. pad (0) differs from eos (1), so
+    both read the score at the last real token (model.RewardModel's docstring)."""
+    hf_model(name).save_pretrained(str(tmp_path))
+    rm = load_model(str(tmp_path), reward=True)
+    hf = T.AutoModelForSequenceClassification.from_pretrained(str(tmp_path), num_labels=1,
+                                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        hf.score.weight.copy_(rm.score.weight)
+    torch.manual_seed(3)
+    ids = torch.randint(3, V, (3, 10))  # no pad or eos id inside the sequences
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        got = rm(ids, mask)
+    assert ref.abs().min() > 1e-3  # a score, not a zero that any body would give
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

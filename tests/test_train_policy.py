@@ -191,3 +191,92 @@ def test_clear_errors(tiny_world, tmp_path):
         done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr, done.stderr
+
+
+# --- issue 10: weights, gradients, autocast
+# One optimizer step of train_policy.train against a step computed here from the formulas: the pipeline tests above
+# compare the script with itself, so a bug present on both sides (weights dropped, permuted or normalized wrongly)
+# passes them; this one does not.
+
+import torch.nn.functional as F  # noqa: E402
+
+CONFIDENCES = [0.9, 0.1, 0.5, 0.3, 0.75, 0.2]  # unequal, not symmetric: dropping, permuting or rescaling them shows
+
+
+def one_step_world(tiny_world):
+    """Six pairs of the tiny world with CONFIDENCES, the tokenizer, the policy and a different reference model (so
+    that the first step's log-ratios are not 0 and each pair has its own loss)."""
+    import data
+    from model import load_model, load_tokenizer
+    pairs = [json.loads(line) for line in open(tiny_world["pairs"])][:len(CONFIDENCES)]
+    for p, c in zip(pairs, CONFIDENCES):
+        p["confidence"] = c
+    reference = load_model(tiny_world["model"], dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return data, pairs, load_tokenizer(tiny_world["model"]), reference
+
+
+@pytest.mark.parametrize("normalize, grad_accum", [("mean", 1), ("mean", 2), ("sum_w", 1), ("sum_w", 2)])
+def test_one_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_world, tmp_path, monkeypatch, normalize,
+                                                                    grad_accum):
+    import cwpo
+    from model import load_model
+    data, pairs, tok, reference = one_step_world(tiny_world)
+    beta, lr, warmup, max_norm = 0.5, 1e-3, 4, 1e-6
+    args = train_policy.parser().parse_args([
+        "--model", tiny_world["model"], "--data", tiny_world["pairs"], "--out", str(tmp_path), "--weighting",
+        "confidence", "--normalize", normalize, "--grad-accum", str(grad_accum), "--batch-size", str(len(pairs)),
+        "--max-steps", "1", "--lr", str(lr), "--warmup-steps", str(warmup), "--max-grad-norm", str(max_norm),
+        "--beta", str(beta), "--log-every", "1"])
+
+    # --- the script: encode_examples (weights), add_reference_logps, train; the gradient is read before clipping
+    policy = load_model(tiny_world["model"], dtype=torch.float32)
+    start = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    examples = train_policy.encode_examples(tok, pairs, args)
+    train_policy.add_reference_logps(reference, examples, tok.pad_id, 4, torch.device("cpu"))
+    seen = {}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def record_then_clip(params, limit, *a, **k):
+        params = list(params)
+        seen.update({id(p): p.grad.detach().clone() for p in params})
+        return clip(params, limit, *a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
+    train_policy.train(policy, examples, tok.pad_id, args, train_policy.preference_objective, log=lambda msg: None)
+    logged = json.loads(open(tmp_path / "log.jsonl").readline())
+
+    # --- here: the batch in the pairs' own order, weights from CONFIDENCES, the loss written out
+    fresh = load_model(tiny_world["model"], dtype=torch.float32)
+    encoded = [data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len,
+                                args.max_answer_len) for p in pairs]
+    batch = data.collate(encoded, tok.pad_id)
+    logps = lambda m: cwpo.sequence_logps(m, batch["input_ids"], batch["attention_mask"],  # noqa: E731
+                                          batch["completion_mask"])["logps"]
+    with torch.no_grad():
+        ref_chosen, ref_rejected = logps(reference).chunk(2)
+    chosen, rejected = logps(fresh).chunk(2)
+    losses = -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+    c = torch.tensor(CONFIDENCES)
+    loss = (c * losses).mean() if normalize == "mean" else (c * losses).sum() / c.sum()
+    loss.backward()
+    params = dict(policy.named_parameters())
+    grads = {n: p.grad for n, p in fresh.named_parameters()}
+    for name, g in grads.items():
+        err = (seen[id(params[name])] - g).norm() / g.norm()  # elementwise, summation order shows near 0
+        assert err < 1e-5, f"{name}: relative gradient error {err:.2e}"
+
+    # AdamW's first step from that gradient: clipped to max_norm, lr of step 0 under linear warmup, betas (0.9, 0.95).
+    # Adam's first step is lr * g / (|g| + eps), about lr * sign(g) whatever the scale of g; max_norm is chosen so
+    # that the clipped |g| is near eps = 1e-8, where the update also depends on the clipped scale.
+    norm = torch.cat([g.flatten() for g in grads.values()]).norm()
+    scale, step_lr = max_norm / (norm + 1e-6), lr * (0 + 1) / warmup
+    for name, g in grads.items():
+        g = g * scale
+        m, v = (1 - 0.9) * g, (1 - 0.95) * g * g
+        update = step_lr * (m / (1 - 0.9)) / ((v / (1 - 0.95)).sqrt() + 1e-8)
+        torch.testing.assert_close(params[name].detach(), start[name] - update, rtol=0, atol=1e-3 * step_lr,
+                                   msg=lambda text: f"{name}: {text}")
+    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)  # the logged loss: sum(w l) / the denominator
