@@ -1,7 +1,7 @@
 """Convert a Llama-architecture GGUF file (llama.cpp's format) into a Hugging Face folder that model.py and
 transformers load: config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json.
 
-    python tools/gguf_to_hf.py SmolLM2-135M-Instruct.Q4_1.gguf /work/models/smollm2-135m
+    python tools/gguf_to_hf.py SmolLM2-135M-Instruct.Q4_1.gguf smollm2-135m
 
 The GGUF layout (ggml's docs/gguf.md), little-endian throughout:
 
@@ -13,7 +13,7 @@ The GGUF layout (ggml's docs/gguf.md), little-endian throughout:
                   each tensor's offset is counted from there
 
 Quantized types store blocks of 32 consecutive values of a row (see dequantize). Dequantized weights are
-exactly what llama.cpp computes with; they are not the original weights (Q4_1 loses most of their precision).
+exactly what llama.cpp computes with, not the original weights (Q4_1 keeps about 5 bits per weight).
 """
 import argparse
 import json
