@@ -1,16 +1,12 @@
 """Confidence-Weighted Preference Optimization (CW-PO): the method in one module.
 
 Paper: "When Weak LLMs Speak with Confidence, Preference Alignment Gets Stronger" (Afzali, Jeon, Brbic;
-ICLR 2026; arXiv 2603.04968). Reading order, the method first and the machinery last:
-  1. weak labels: `confidence` C = 2 (sigmoid(s+ - s-) - 0.5) of the annotator's label, `top_fraction_mask`
-     (the paper's hard top-N % selection) and `bt_loss` (the Bradley-Terry loss the annotator is trained with);
-  2. CW-PO: `weighted_mean` (the objective E[C * l]) and `batch_loss` (one batch, any loss, per-pair weights);
-  3. the pairwise losses l, one small function each, dispatched by `preference_loss`; their definitions follow
-     TRL 1.16's DPOTrainer, CPOTrainer and ORPOTrainer and are tested against them (tests/test_cwpo_trl.py);
-  4. `sequence_logps`, the one log-prob function every script calls;
-  5. the fused LM head + log-softmax kernel behind it (`FusedLogProbs`, `token_logps`).
-Everything is a pure function of tensors (or a torch.autograd.Function) and imports only torch, so each piece
-can be copied alone.
+ICLR 2026; arXiv 2603.04968). Read in order, the method first and the machinery last: the weak labels
+(`confidence`, `top_fraction_mask`, and `bt_loss`, the annotator's objective); CW-PO (`weighted_mean`, the
+objective E[C * l], and `batch_loss`); the pairwise losses l, one small function each, dispatched by
+`preference_loss` and defined as TRL 1.16's trainers define them (tested against them in tests/test_cwpo_trl.py);
+`sequence_logps`, the one log-prob function every script calls; the fused LM-head kernel behind it. Every piece
+is a pure function of tensors (or an autograd Function) and imports only torch, so each can be copied alone.
 
 Batch layout (data.py's collate): input_ids / attention_mask / completion_mask [2B, T], rows 0..B-1
 prompt+chosen and rows B..2B-1 prompt+rejected, right-padded; weight [B] the per-pair weight.
@@ -25,8 +21,7 @@ IGNORE_INDEX = -100  # a target id < 0 marks a position that is not scored (log-
 # Rows of logits per chunk: [256, V] fp32 is 156 MB at V = 151,936, and M = 256 keeps the GEMMs efficient.
 DEFAULT_CHUNK_SIZE = 256
 
-# ----------------------------------------------------------------------------------------------------
-# Weak labels: confidence, top-N % selection, Bradley-Terry loss
+# ------------------------------------------------------ Weak labels: confidence, top-N % selection, Bradley-Terry loss
 
 def confidence(score_a, score_b):
     """The weak label and its confidence (arXiv 2603.04968, CW-PO's confidence score): a_wins = s_a >= s_b and
@@ -58,8 +53,7 @@ def bt_loss(chosen_scores, rejected_scores, margin=None, center_coef=0.0):
         diff = diff - margin
     return -F.logsigmoid(diff) + center_coef * (chosen_scores + rejected_scores) ** 2
 
-# ----------------------------------------------------------------------------------------------------
-# CW-PO: per-pair weights on any loss
+# --------------------------------------------------------------------------------- CW-PO: per-pair weights on any loss
 
 def weighted_mean(losses, weights, normalize="mean"):
     """CW-PO's objective (arXiv 2603.04968): L = mean_i(w_i * l_i), w_i the annotator's confidence C_i (CW-PO),
@@ -127,9 +121,9 @@ def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="si
                    "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item()}
     return loss, metrics
 
-# ----------------------------------------------------------------------------------------------------
-# Pairwise preference losses, per pair [B]. Notation: u+ = log pi(y+|x) - log pi_ref(y+|x), u- likewise,
-# s(u) the f-divergence score (s(u) = u for the reverse KL of DPO), delta = s(u+) - s(u-), n+- answer lengths.
+# ----------------------------------------------------------------------------------- Pairwise preference losses
+# Per pair [B]. Notation: u+ = log pi(y+|x) - log pi_ref(y+|x), u- likewise, s(u) the f-divergence score
+# (s(u) = u for the reverse KL of DPO), delta = s(u+) - s(u-), n+- answer lengths.
 # Conventions (lengths, batch-level means, label smoothing) are those of TRL 1.16's DPOTrainer / CPOTrainer /
 # ORPOTrainer, to which tests/test_cwpo_trl.py compares them.
 
@@ -314,8 +308,7 @@ def preference_loss(loss_type, chosen_logps, rejected_logps, ref_chosen_logps=No
         return apo_loss(chosen_logratios, rejected_logratios, beta, down=loss_type == "apo_down")
     return discopop_loss(delta, beta, discopop_tau)
 
-# ----------------------------------------------------------------------------------------------------
-# Per-sequence log-probs: the one log-prob function every script calls
+# ------------------------------------------------ Per-sequence log-probs: the one log-prob function every script calls
 
 def ld_weighted_logps(token_logps, mask, ld_alpha):
     """LD-DPO's length-desensitized log-prob (Liu et al. 2024, arXiv 2409.06411), as TRL's `ld_alpha`:
@@ -357,8 +350,7 @@ def sequence_logps(model, input_ids, attention_mask, completion_mask, chunk_size
         out["wpo_weights"] = torch.exp(aligned.sum(dim=1) / n_tokens.clamp(min=1))
     return out
 
-# ----------------------------------------------------------------------------------------------------
-# Fused LM head + log-softmax + gather, chunked over tokens
+# ----------------------------------------------------------- Fused LM head + log-softmax + gather, chunked over tokens
 
 def _acc_dtype(dtype):
     """Accumulation dtype: fp64 for fp64 inputs (exact tests), else fp32 (also for bf16 / fp16 inputs)."""

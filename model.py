@@ -266,10 +266,10 @@ class RewardModel(nn.Module):
             last = (attention_mask * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(-1)
         return self.score(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]).squeeze(-1).float()
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoint names: our module -> the Hugging Face module(s) it is made of, per family, without the
-# family prefix ("transformer." / "model."); {i} is the layer. Several HF modules are concatenated
-# along dim 0 (our fused q|k|v). GPT-2 stores its Conv1D weights as [in, out]: those are transposed.
+# ------------------------------------------------------------------------------------------------ Checkpoint names
+# Our module -> the Hugging Face module(s) it is made of, per family, without the family prefix ("transformer." /
+# "model."); {i} is the layer. Several HF modules are concatenated along dim 0 (our fused q|k|v). GPT-2 stores its
+# Conv1D weights as [in, out]: those are transposed.
 
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 HF_NAMES = {
