@@ -257,6 +257,8 @@ def positive_int(text):
 def check_loss(args):
     """Fail before any work where --loss and --loss-options would fail in training (an unknown name, a clash with a
     flag, a bad value): compute the loss once on a dummy pair. Options of batch_loss itself are checked there."""
+    if not isinstance(args.loss_options, dict):
+        raise ValueError(f"--loss-options must be a JSON object, got {json.dumps(args.loss_options)}")
     batch_only = {"loss_weights", "ld_alpha", "use_weighting", "chunk_size"}
     options = {k: v for k, v in args.loss_options.items() if k not in batch_only}
     one = torch.ones(1)
@@ -264,16 +266,6 @@ def check_loss(args):
         cwpo.preference_loss(args.loss, -one, -one, -one, -one, args.beta, one, one, **options)
     except (TypeError, ValueError) as e:
         raise ValueError(f"--loss {args.loss} --loss-options {json.dumps(args.loss_options)}: {e}") from None
-
-def json_object(text):
-    """--loss-options, parsed once: a JSON object."""
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
-    if not isinstance(options, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
-    return options
 
 def add_training_args(p):
     """Flags shared with train_weak.py: data, model, optimization, logging."""
@@ -309,7 +301,7 @@ def parser():
     p.add_argument("--sft", dest="objective", action="store_const", const="sft", default="preference",
                    help="supervised fine-tuning on the chosen answers instead of preference optimization")
     p.add_argument("--loss", default="sigmoid", help="a loss of cwpo.LOSS_TYPES (sigmoid = DPO, ipo, robust = rDPO)")
-    p.add_argument("--loss-options", type=json_object, default={},
+    p.add_argument("--loss-options", type=json.loads, default={},
                    help='keyword options of the loss as JSON, e.g. \'{"label_smoothing": 0.1}\'')
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--weighting", default="none", choices=("none", "confidence", "top"),
