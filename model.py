@@ -1,9 +1,8 @@
 """A minimal decoder-only transformer that loads real Hugging Face checkpoints.
 
-One module covers the four families CW-PO is run with: GPT-2, OPT, Qwen2 and
-Llama. It reads a local folder (config.json + model.safetensors, possibly
-sharded), maps tensor names explicitly (one table per family, below), and
-writes the same layout back so that transformers loads what we saved.
+One module covers the four families CW-PO is run with: GPT-2, OPT, Qwen2 and Llama. It reads a local folder
+(config.json + model.safetensors, possibly sharded), maps tensor names explicitly (one table per family, below),
+and writes the same layout back so that transformers loads what we saved.
 
     model = load_model("opt-125m")                # causal LM
     rm = load_model("opt-125m", reward=True)      # backbone + scalar head
@@ -245,11 +244,10 @@ class GPT(nn.Module):
 class RewardModel(nn.Module):
     """pi_w(x, y) -> R: the backbone with its LM head replaced by a linear layer to one output.
 
-    The score is read at the last position whose attention_mask is 1 (the last real token of
-    x ++ y, the EOS included). transformers' *ForSequenceClassification reads it at the last
-    token that is not pad_token_id instead; both agree unless the pad token is also the EOS token
-    and the sequence ends with it, where transformers skips the EOS and we do not: we score the
-    full sequence the policy would generate, which is what the annotator is trained to judge.
+    The score is read at the last position whose attention_mask is 1 (the last real token of x ++ y, the EOS
+    included). transformers' *ForSequenceClassification reads it at the last token that is not pad_token_id
+    instead; both agree unless the pad token is also the EOS token and the sequence ends with it, where
+    transformers skips the EOS and we do not: we score the full sequence the policy would generate.
     """
 
     def __init__(self, cfg):
