@@ -82,8 +82,6 @@ METHODS = {
     "Top-30 % confident weak labels": Method("weak", "sigmoid", "top"),
     "CW-DPO": Method("weak", "sigmoid", "confidence"),
     "CW-DPO, normalized by sum C": Method("weak", "sigmoid", "confidence", normalize="sum_w"),
-    "IPO, human 100 %": Method("human_pool", "ipo"),
-    "CW-IPO": Method("weak", "ipo", "confidence"),
     "rDPO, human 100 %": Method("human_pool", "robust", options=RDPO),
     "CW-rDPO": Method("weak", "robust", "confidence", RDPO),
 }
@@ -310,17 +308,17 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true", help="built-in experiment, smaller (about 2 minutes)")
     p.add_argument("--sweep", action="store_true", help="CW-DPO against DPO at 10 / 20 / 30 % labels")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--pairs", type=int, default=4000, help="preference pairs (two answers to one prompt)")
-    p.add_argument("--eval-prompts", type=int, default=400)
+    p.add_argument("--pairs", type=int, default=2000, help="preference pairs (two answers to one prompt)")
+    p.add_argument("--eval-prompts", type=int, default=300)
     p.add_argument("--samples", type=int, default=4, help="sampled answers per held-out prompt")
     p.add_argument("--sft-examples", type=int, default=4000)
-    p.add_argument("--sft-epochs", type=int, default=2)
+    p.add_argument("--sft-epochs", type=int, default=4)
     p.add_argument("--weak-pretrain-epochs", type=int, default=2)
     p.add_argument("--weak-epochs", type=int, default=2)
     p.add_argument("--weak-lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=1, help="preference optimization epochs")
     p.add_argument("--lr", type=float, default=1e-4, help="preference optimization learning rate")
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--beta", type=float, default=0.3)
     p.add_argument("--labeled-fraction", type=float, default=0.3)
     p.add_argument("--human-agreement", type=float, default=0.70, help="sets the human labels' BT temperature")
     p.add_argument("--policy", help="GRA of this checkpoint against --sft, judged by --judge, on --prompts")
