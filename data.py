@@ -215,14 +215,12 @@ LIKE = ("I like {} food.", "I am in the mood for something {}.")
 POLITE, RUDE = ("Sure!", "Happy to help!", "Enjoy!"), ("Ugh, fine.", "Whatever.", "Figure it out yourself.")
 FILLER = ("Many people like it.", "It is very popular.", "You can find it anywhere.")
 
-
 def parse_request(prompt):
     """What the person asks for: {"category", "like", "brief"} (None where not said)."""
     text = prompt.rsplit("Human:", 1)[-1].lower()
     category = re.search(r"\b(" + "|".join(CATEGORIES) + r")\b", text)
     like = re.search(r"\b(?:like|something) (" + "|".join(TASTES) + r")\b", text)
     return {"category": category and category.group(1), "like": like and like.group(1), "brief": "short" in text}
-
 
 def gold_reward(prompt, answer):
     """The world's gold judge: a program reading the prompt and the answer; never raises on a string.
@@ -243,7 +241,6 @@ def gold_reward(prompt, answer):
     reward -= (1.0 if request["brief"] else 0.5) * sum(text.count(f.lower()) for f in FILLER)
     return float(reward)
 
-
 def world_prompts(n, seed):
     """n requests in HH-RLHF form "\\n\\nHuman: ...\\n\\nAssistant:"."""
     rng = random.Random(seed)
@@ -253,7 +250,6 @@ def world_prompts(n, seed):
         words += ["Please keep it short."] if rng.random() < 0.3 else []
         prompts.append("\n\nHuman: " + " ".join(words) + ASSISTANT)
     return prompts
-
 
 def world_answer(prompt, rng, care=None):
     """A sampled answer: each part (the item's category, its taste, an honest claim, politeness, no filler) is
@@ -272,23 +268,18 @@ def world_answer(prompt, rng, care=None):
     parts.append("Enjoy!" if good() else "")
     return " " + " ".join(p for p in parts if p)
 
-
 def world_facts():
     """What a pretrained weak model knows about the world: one sentence per menu item."""
     return [f"The {item} is a {taste} {category}." for item, (category, taste) in MENU.items()]
 
-
 def human_temperature(gold_gaps, agreement=0.70):
     """The Bradley-Terry temperature T at which noisy humans agree with the gold ranking at the given rate on
     pairs with these gold gaps (ties left out): mean sigmoid(|gap| / T) = agreement, solved by bisection."""
-    gaps = np.abs(np.asarray(gold_gaps, dtype=float))
-    gaps = gaps[gaps > 0]
-    lo, hi = 1e-3, 1e3
-    for _ in range(60):
+    gaps, lo, hi = np.abs(np.asarray(gold_gaps, dtype=float)), 1e-3, 1e3
+    for _ in range(60):  # agreement falls as T grows
         mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-gaps / mid))) > agreement else (lo, mid)
-    return math.sqrt(lo * hi)
-
+        lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-gaps[gaps > 0] / mid))) > agreement else (lo, mid)
+    return mid
 
 def human_label(gold_a, gold_b, temperature, rng):
     """A noisy human: True (a preferred) with Bradley-Terry probability sigmoid((gold_a - gold_b) / temperature),

@@ -181,7 +181,7 @@ def tok(tmp_path_factory):
     prompts = data.world_prompts(400, seed=0)
     rng = random.Random(0)
     texts = prompts + [data.world_answer(p, rng) for p in prompts]
-    return data.train_tokenizer(texts, vocab_size=500, out_dir=str(tmp_path_factory.mktemp("tok")))
+    return data.train_tokenizer(texts, vocab_size=300, out_dir=str(tmp_path_factory.mktemp("tok")))
 
 
 def test_tokenizer_files_round_trip_and_bos(tok, tmp_path):
@@ -190,7 +190,7 @@ def test_tokenizer_files_round_trip_and_bos(tok, tmp_path):
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<|bos|>", "<|eos|>", "<|pad|>")
     assert len({tok2.bos_id, tok2.eos_id, tok2.pad_id}) == 3 and None not in (tok2.bos_id, tok2.eos_id, tok2.pad_id)
-    assert tok.get_vocab_size() == 500
+    assert tok.get_vocab_size() == 300
     for text in data.world_prompts(20, seed=9) + [" I'm sorry, naïve ☃ café!\n\n  x", "", "\t\t$%^"]:
         ids = tok.encode(text).ids
         assert ids[0] == tok.bos_id and tok.encode(text, add_special_tokens=False).ids == ids[1:]

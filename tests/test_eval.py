@@ -76,8 +76,7 @@ def test_small_experiment_table_is_recomputed_from_results_and_world_checks_hold
     methods = ("DPO, human 100 %", "DPO, labeled part only", "CW-DPO")
     monkeypatch.setattr(evaluation, "METHODS", {name: evaluation.METHODS[name] for name in methods})
     args = argparse.Namespace(out=str(tmp_path), sweep=False, seeds=2, pairs=800, eval_prompts=60, samples=4,
-                              sft_examples=1000, sft_epochs=3, weak_pretrain_epochs=2, weak_epochs=2, weak_lr=1e-3,
-                              epochs=1, lr=1e-4, beta=0.1, labeled_fraction=0.3, human_agreement=0.7)
+                              sft_examples=1000, epochs=1, lr=1e-4, beta=0.3, labeled_fraction=0.3, human_agreement=0.7)
     evaluation.experiment(args)
     assert "seed 2 of 2 | step 8 of 8" in capsys.readouterr().out  # progress: seed k of N, step m of M
     results = json.loads((tmp_path / "results.json").read_text())
