@@ -268,10 +268,6 @@ def world_answer(prompt, rng, care=None):
     parts.append("Enjoy!" if good() else "")
     return " " + " ".join(p for p in parts if p)
 
-def world_facts():
-    """What a pretrained weak model knows about the world: one sentence per menu item."""
-    return [f"The {item} is a {taste} {category}." for item, (category, taste) in MENU.items()]
-
 def human_temperature(gold_gaps, agreement=0.70):
     """The Bradley-Terry temperature T at which noisy humans agree with the gold ranking at the given rate on
     pairs with these gold gaps (ties left out): mean sigmoid(|gap| / T) = agreement, solved by bisection."""

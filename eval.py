@@ -73,7 +73,6 @@ METHODS = {  # name: (training pairs, train_policy options): 100 % human labels,
     "WS-DPO (weak labels, weight 1)": ("weak", {}),
     "Top-30 % confident weak labels": ("weak", {"weighting": "top", "top_fraction": 0.3}),
     "CW-DPO": ("weak", {"weighting": "confidence"}),
-    "CW-DPO, normalized by sum C": ("weak", {"weighting": "confidence", "normalize": "sum_w"}),
     "rDPO, human 100 %": ("human_pool", {"loss": "robust", "loss_options": RDPO}),
     "CW-rDPO": ("weak", {"weighting": "confidence", "loss": "robust", "loss_options": RDPO}),
 }
@@ -81,6 +80,7 @@ SWEEP = (REFERENCE, "DPO, labeled part only", "CW-DPO")
 POLICY_SIZE, WEAK_SIZE = (3, 96), (2, 64)  # (layers, width) of the strong policy and of the weak annotator
 VOCAB_SIZE, PRETRAIN_EPOCHS = 400, 4  # byte-level BPE trained on the world's text; epochs over that text
 ANNOTATOR_LR, ANNOTATOR_EPOCHS = 1e-3, 2  # its Bradley-Terry training on the labeled part
+HUMAN_AGREEMENT = 0.70  # with gold, as reported between human annotators on HH-RLHF and TL;DR; sets the BT temperature
 T_975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t quantiles, 1-10 df
 
 
@@ -132,20 +132,19 @@ def gold_rewards(model, tok, prompts, samples):
 
 
 def build_world(args, device, log):
-    """Tokenizer, SFT policy and weak base model pretrained on the world's text; the pair pool; held-out prompts."""
+    """Tokenizer, SFT policy and weak base model pretrained on the world's answers; the pair pool; held-out prompts."""
     rng = random.Random(0)
     corpus = [{"prompt": p, "chosen": data.world_answer(p, rng)} for p in data.world_prompts(args.sft_examples, 1)]
-    weak_corpus = [{"prompt": "", "chosen": p["prompt"] + p["chosen"]} for p in corpus]  # prompts too, and facts
-    weak_corpus += [{"prompt": "", "chosen": " " + fact} for fact in data.world_facts() * 20]
-    tok = data.train_tokenizer([p["chosen"] for p in weak_corpus], VOCAB_SIZE, os.path.join(args.out, "tokenizer"))
+    texts = [p["prompt"] + p["chosen"] for p in corpus]
+    tok = data.train_tokenizer(texts, VOCAB_SIZE, os.path.join(args.out, "tokenizer"))
     sft_path, weak_path = os.path.join(args.out, "sft"), os.path.join(args.out, "weak_base")
-    pretrain(sft_path, tok, corpus, POLICY_SIZE, device, log)
-    pretrain(weak_path, tok, weak_corpus, WEAK_SIZE, device, log)
+    for path, size in ((sft_path, POLICY_SIZE), (weak_path, WEAK_SIZE)):  # both: SFT on the same answers
+        pretrain(path, tok, corpus, size, device, log)
     prompts = data.world_prompts(args.pairs + args.eval_prompts, seed=2)
     answers = [(data.world_answer(p, rng), data.world_answer(p, rng)) for p in prompts[:args.pairs]]
     pool = [{"prompt": p, "chosen": a, "rejected": b, "gold_margin": data.gold_reward(p, a) - data.gold_reward(p, b)}
             for p, (a, b) in zip(prompts, answers)]
-    temperature = data.human_temperature([p["gold_margin"] for p in pool], args.human_agreement)
+    temperature = data.human_temperature([p["gold_margin"] for p in pool], HUMAN_AGREEMENT)
     sft_rewards = gold_rewards(load_model(sft_path, device=device), tok, prompts[args.pairs:], args.samples)
     return World(tok, sft_path, weak_path, pool, prompts[args.pairs:], sft_rewards, temperature)
 
@@ -232,7 +231,7 @@ def experiment(args):
     t0, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     world = build_world(args, device, log)
-    log(f"world: {len(world.pool)} pairs, {len(world.held_out)} held-out prompts, human T {world.human_temperature:.2f}")
+    log(f"world: {len(world.pool)} pairs, {len(world.held_out)} prompts, human T {world.human_temperature:.2f}")
     runs = [(f, SWEEP) for f in (0.1, 0.2, 0.3)] if args.sweep else [(args.labeled_fraction, tuple(METHODS))]
     units, done, t_start = args.seeds * sum(len(m) + 1 for _, m in runs), [0], time.time()
 
@@ -286,7 +285,6 @@ if __name__ == "__main__":
     p.add_argument("--lr", type=float, default=1e-4, help="preference optimization learning rate")
     p.add_argument("--beta", type=float, default=0.3)
     p.add_argument("--labeled-fraction", type=float, default=0.3)
-    p.add_argument("--human-agreement", type=float, default=0.70, help="sets the human labels' BT temperature")
     p.add_argument("--policy", help="GRA of this checkpoint against --sft, judged by --judge, on --prompts")
     p.add_argument("--sft")
     p.add_argument("--prompts", help="a pairs file whose prompts are evaluated")

@@ -335,8 +335,6 @@ def test_world_answers_vary_with_care_and_pairs_span_easy_and_hard():
     gaps = np.abs([data.gold_reward(p, data.world_answer(p, rng)) - data.gold_reward(p, data.world_answer(p, rng))
                    for p in prompts])
     assert np.mean((gaps > 0) & (gaps <= 1.0)) > 0.15 and np.mean(gaps >= 3.0) > 0.15
-    facts = data.world_facts()  # true statements: each names the item's own taste and category
-    assert len(facts) == len(data.MENU) and "The chili chips is a spicy snack." in facts
 
 
 def test_human_label_follows_bradley_terry():

@@ -80,7 +80,7 @@ def test_small_experiment_table_is_recomputed_from_results_and_world_checks_hold
     methods = ("DPO, human 100 %", "DPO, labeled part only", "CW-DPO")
     monkeypatch.setattr(evaluation, "METHODS", {name: evaluation.METHODS[name] for name in methods})
     args = argparse.Namespace(out=str(tmp_path), sweep=False, seeds=2, pairs=600, eval_prompts=60, samples=4,
-                              sft_examples=600, epochs=2, lr=3e-4, beta=0.3, labeled_fraction=0.3, human_agreement=0.7)
+                              sft_examples=600, epochs=2, lr=3e-4, beta=0.3, labeled_fraction=0.3)
     evaluation.experiment(args)
     assert "seed 2 of 2 | step 8 of 8" in capsys.readouterr().out  # progress: seed k of N, step m of M
     results = json.loads((tmp_path / "results.json").read_text())
