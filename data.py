@@ -213,87 +213,46 @@ def iterate_batches(examples, batch_size, seed=None):
         yield [examples[i] for i in order[start: start + batch_size]]
 
 # ----------------------------------------------------------------------------- the built-in world
-# A person asks the assistant for a snack, a drink or a dinner, says what taste they like and hate, their
-# budget, and sometimes asks for a short answer. The answer recommends an item of a fixed menu and may state
-# its taste and price (truthfully or not), politely or rudely. gold_reward reads both and judges.
+# A person asks for a snack, a drink or a dinner, says which taste they like, and sometimes asks for a short
+# answer. The assistant recommends one item of a 3 x 4 menu (one item per category and taste), may say what it
+# tastes like (truly or not), politely or rudely, with or without filler. gold_reward reads prompt and answer.
 
-ATTRIBUTES = ("sweet", "salty", "spicy", "sour", "creamy", "cold")
-MENU = {  # item: (category, tastes, price in dollars)
-    "salted pretzels": ("snack", {"salty"}, 2), "chili chips": ("snack", {"spicy", "salty"}, 3),
-    "caramel popcorn": ("snack", {"sweet"}, 4), "lemon candy": ("snack", {"sour", "sweet"}, 1),
-    "cheese toast": ("snack", {"salty", "creamy"}, 5), "fruit yogurt": ("snack", {"sweet", "creamy", "cold"}, 4),
-    "pickled cucumbers": ("snack", {"sour", "salty"}, 2), "ice pops": ("snack", {"sweet", "cold"}, 1),
-    "spicy nuts": ("snack", {"spicy", "salty"}, 6),
-    "hot chocolate": ("drink", {"sweet", "creamy"}, 4), "lemonade": ("drink", {"sour", "sweet", "cold"}, 3),
-    "ginger tea": ("drink", {"spicy"}, 2), "iced coffee": ("drink", {"cold", "creamy"}, 5),
-    "tomato juice": ("drink", {"salty", "sour"}, 3), "mango shake": ("drink", {"sweet", "creamy", "cold"}, 6),
-    "chai latte": ("drink", {"spicy", "sweet", "creamy"}, 5), "sparkling water": ("drink", {"cold"}, 1),
-    "chicken curry": ("dinner", {"spicy", "creamy"}, 9), "tomato soup": ("dinner", {"sour", "salty"}, 5),
-    "cheese pasta": ("dinner", {"creamy", "salty"}, 7), "pepper steak": ("dinner", {"spicy", "salty"}, 12),
-    "sushi rolls": ("dinner", {"sour", "cold", "salty"}, 10), "honey chicken": ("dinner", {"sweet", "salty"}, 8),
-    "noodle salad": ("dinner", {"cold", "sour"}, 6), "veggie tacos": ("dinner", {"spicy"}, 6),
+CATEGORIES, TASTES = ("snack", "drink", "dinner"), ("sweet", "salty", "spicy", "sour")
+MENU = {  # item: (category, taste)
+    "caramel popcorn": ("snack", "sweet"), "salted pretzels": ("snack", "salty"), "chili chips": ("snack", "spicy"),
+    "lemon candy": ("snack", "sour"), "hot chocolate": ("drink", "sweet"), "tomato juice": ("drink", "salty"),
+    "ginger tea": ("drink", "spicy"), "lemonade": ("drink", "sour"), "honey chicken": ("dinner", "sweet"),
+    "cheese pasta": ("dinner", "salty"), "chicken curry": ("dinner", "spicy"), "noodle salad": ("dinner", "sour"),
 }
-BUDGETS = {"snack": (2, 6), "drink": (2, 6), "dinner": (6, 12)}
-ASK = ("I want a {} for tonight.", "Can you suggest a {}?", "I am looking for a good {}.", "What {} should I get?")
-LIKE = ("I like {} food.", "I love {} things.", "I am in the mood for something {}.")
-DISLIKE = ("I hate {} food.", "I can't stand {} things.", "Please nothing {}.")
-BUDGET = ("I have {} dollars.", "My budget is {} dollars.", "I can spend {} dollars at most.")
-BRIEF = ("Please keep it short.", "Keep it brief.")
-POLITE = ("Sure!", "Happy to help!", "Good question!", "Of course.")
-RUDE = ("Ugh, fine.", "Whatever.", "Figure it out yourself.")
-SUGGEST = ("Try the {}.", "I suggest the {}.", "You should get the {}.", "How about the {}?")
-FILLER = ("Many people like it.", "It is very popular.", "You can find it anywhere.", "I think it is a good one.")
-CLOSE = ("Enjoy!", "Hope this helps!", "Have a nice day!")
-NO_ITEM = ("I do not know what to get.", "Maybe just stay at home.", "I can not help with that.")
-POLITE_WORDS = re.compile(r"\b(sure|happy to help|of course|good question|enjoy|hope this helps|nice day)\b")
-RUDE_WORDS = re.compile(r"\b(ugh|whatever|figure it out)\b")
+ASK = ("Can you suggest a {}?", "I want a {} for tonight.", "What {} should I get?")
+LIKE = ("I like {} food.", "I am in the mood for something {}.")
+POLITE, RUDE = ("Sure!", "Happy to help!", "Enjoy!"), ("Ugh, fine.", "Whatever.", "Figure it out yourself.")
+FILLER = ("Many people like it.", "It is very popular.", "You can find it anywhere.")
 
 def parse_request(prompt):
-    """What the person asks for: {"category", "like", "dislike", "budget", "brief"} (None where not said)."""
+    """What the person asks for: {"category", "like", "brief"} (None where not said)."""
     text = prompt.rsplit("Human:", 1)[-1].lower()
-    def word(pattern, allowed):
-        found = re.search(pattern, text)
-        return found.group(1) if found and found.group(1) in allowed else None
-    budget = re.search(r"\b(\d{1,3}) dollars", text)
-    return {"category": word(r"\b(snack|drink|dinner)\b", BUDGETS),
-            "like": word(r"\b(?:like|love|mood for something) (\w+)", ATTRIBUTES),
-            "dislike": word(r"\b(?:hate|can't stand|nothing) (\w+)", ATTRIBUTES),
-            "budget": int(budget.group(1)) if budget else None, "brief": bool(re.search(r"\b(short|brief)\b", text))}
-
-def _fit(request, item):
-    """How well a menu item meets the request: the content part of the gold reward."""
-    category, tastes, price = MENU[item]
-    score = 1.0 if category == request["category"] else -1.5
-    score += 1.5 * (request["like"] in tastes) - 2.0 * (request["dislike"] in tastes)
-    if request["budget"] is not None:
-        score += 0.5 if price <= request["budget"] else -1.0 - 0.2 * (price - request["budget"])
-    return score
+    category = re.search(r"\b(" + "|".join(CATEGORIES) + r")\b", text)
+    like = re.search(r"\b(?:like|something) (" + "|".join(TASTES) + r")\b", text)
+    return {"category": category and category.group(1), "like": like and like.group(1), "brief": "short" in text}
 
 def gold_reward(prompt, answer):
-    """The world's gold judge: a deterministic program reading the prompt and the answer; never raises on a string.
-    r = fit(request, first item named)       category +1 / -1.5, liked taste +1.5, hated taste -2,
-                                             within budget +0.5 / over -(1 + 0.2 * dollars over); no item: -2
-        - 0.5 * (other items named)          hedging between several items
-        - 0.75 * (false taste claims)        "It is sweet" / "not spicy" checked against the item's real tastes
-        - 0.5 * [a stated price is wrong]
-        + 0.25 * [polite] - 1.0 * [rude]
-        - 0.4 * max(0, sentences - 3) if the person asked for a short answer, else 0.1 * max(0, sentences - 5)
+    """The world's gold judge: a program reading the prompt and the answer; never raises on a string.
+    r = 1.5 [the first item named is of the asked category] - 1.5 [it is not]      (no item named: -3)
+        + 1.0 [its taste is the liked one] - 1.0 [a taste claim "It is t." is false]
+        + 0.5 [polite] - 1.0 [rude] - 0.5 * (filler sentences, or 1.0 each if asked to keep it short)
     """
     request, text = parse_request(prompt), str(answer).lower()
-    found = sorted((m.start(), item) for item in MENU for m in re.finditer(r"\b" + item + r"\b", text))
-    items = list(dict.fromkeys(item for _, item in found))  # distinct, in order of appearance
-    if not items:
-        reward = -2.0
+    named = sorted((text.find(item), item) for item in MENU if item in text)
+    if not named:
+        reward = -3.0
     else:
-        item, (_, tastes, price) = items[0], MENU[items[0]]
-        reward = _fit(request, item) - 0.5 * (len(items) - 1)
-        for negated, taste in re.findall(r"\b(not )?(" + "|".join(ATTRIBUTES) + r")\b", text):
-            reward -= 0.75 * ((taste in tastes) == bool(negated))
-        stated = re.search(r"\b(\d{1,3}) dollars", text)
-        reward -= 0.5 * bool(stated and int(stated.group(1)) != price)
-    reward += 0.25 * bool(POLITE_WORDS.search(text)) - 1.0 * bool(RUDE_WORDS.search(text))
-    sentences = len([s for s in re.split(r"[.!?]+", text) if s.strip()])
-    reward -= 0.4 * max(0, sentences - 3) if request["brief"] else 0.1 * max(0, sentences - 5)
+        category, taste = MENU[named[0][1]]
+        reward = 1.5 if category == request["category"] else -1.5
+        reward += 1.0 * (taste == request["like"])
+        reward -= 1.0 * any(claim != taste for claim in re.findall(r"\bit is (" + "|".join(TASTES) + r")\b", text))
+    reward += 0.5 * any(w.lower() in text for w in POLITE) - 1.0 * any(w.lower() in text for w in RUDE)
+    reward -= (1.0 if request["brief"] else 0.5) * sum(text.count(f.lower()) for f in FILLER)
     return float(reward)
 
 def world_prompts(n, seed):
@@ -301,63 +260,36 @@ def world_prompts(n, seed):
     rng = random.Random(seed)
     prompts = []
     for _ in range(n):
-        category = rng.choice(sorted(BUDGETS))
-        like, dislike = rng.sample(ATTRIBUTES, 2)
-        budget = rng.randint(*BUDGETS[category])
-        wishes = [rng.choice(templates).format(value) for chance, templates, value in
-                  ((0.9, LIKE, like), (0.8, DISLIKE, dislike), (0.8, BUDGET, budget)) if rng.random() < chance]
-        rng.shuffle(wishes)
-        if rng.random() < 0.3:
-            wishes.append(rng.choice(BRIEF))
-        prompts.append("\n\nHuman: " + " ".join([rng.choice(ASK).format(category)] + wishes) + ASSISTANT)
+        words = [rng.choice(ASK).format(rng.choice(CATEGORIES)), rng.choice(LIKE).format(rng.choice(TASTES))]
+        words += ["Please keep it short."] if rng.random() < 0.3 else []
+        prompts.append("\n\nHuman: " + " ".join(words) + ASSISTANT)
     return prompts
 
-def world_answer(prompt, rng, quality=None):
-    """An answer of random quality ("good", "mediocre" or "bad"; drawn 40/35/25 % when None), the SFT corpus.
-    The quality sets which menu items are picked (the 2 best for the request, the next 8, or the rest) and how
-    likely the answer is honest, polite and concise; each part still varies, so content and style can conflict.
-    rng is a random.Random. The answer starts with a space, as after "Assistant:"."""
-    request = parse_request(prompt)
-    quality = quality or rng.choices(("good", "mediocre", "bad"), weights=(0.40, 0.35, 0.25))[0]
-    honest, polite, rude, fillers = {"good": (0.9, 0.7, 0.05, (0, 0, 1)), "mediocre": (0.7, 0.5, 0.15, (0, 1, 2)),
-                                     "bad": (0.4, 0.3, 0.35, (0, 1, 2, 3))}[quality]
-    ranked = sorted(MENU, key=lambda item: -_fit(request, item))  # stable: ties keep menu order
-    pool = {"good": ranked[:2], "mediocre": ranked[2:10], "bad": ranked[10:]}[quality]
-    item = rng.choice(pool + [None] * (quality == "bad"))  # a bad answer may name no item at all
-    parts = [rng.choice(POLITE)] if rng.random() < polite else [rng.choice(RUDE)] if rng.random() < rude else []
-    if item is None:
-        parts.append(rng.choice(NO_ITEM))
-    else:
-        parts.append(rng.choice(SUGGEST).format(item))
-        parts.append(_taste_claim(request, item, rng.random() < honest, rng))
-        if rng.random() < 0.6:
-            price = MENU[item][2] if rng.random() < honest else MENU[item][2] + rng.choice((1, 2, 3))
-            parts.append(f"It costs {price} dollars.")
-    parts += [rng.choice(FILLER) for _ in range(rng.choice(fillers))]
-    parts += [rng.choice(CLOSE)] if rng.random() < polite else [rng.choice(RUDE)] if rng.random() < rude else []
-    if request["brief"] and rng.random() < honest:  # a careful writer heeds "keep it short"
-        parts = parts[:3]
-    return " " + " ".join(parts)
+def world_answer(prompt, rng, care=None):
+    """A sampled answer: each part (the item's category, its taste, an honest claim, politeness, no filler) is
+    the good one with probability 0.2 + 0.7 care, else random; care (uniform in [0, 1] when None) makes careful
+    and careless writers, so an answer's parts agree in quality more often than chance. rng: random.Random.
+    The answer starts with a space, as after "Assistant:"."""
+    request, care = parse_request(prompt), rng.random() if care is None else care
+    good = lambda: rng.random() < 0.2 + 0.7 * care  # noqa: E731
+    category = request["category"] if good() else rng.choice(CATEGORIES)
+    taste = request["like"] if good() else rng.choice(TASTES)
+    item = next(name for name, (c, t) in MENU.items() if (c, t) == (category, taste))
+    parts = [rng.choice(POLITE[:2]) if good() else rng.choice(RUDE + ("",)), f"Try the {item}."]
+    if rng.random() < 0.6:
+        parts.append(f"It is {taste if good() else rng.choice(TASTES)}.")
+    parts += [] if good() else rng.sample(FILLER, rng.randint(1, 2))
+    parts.append("Enjoy!" if good() else "")
+    return " " + " ".join(p for p in parts if p)
 
-def _taste_claim(request, item, honest, rng):
-    """ "It is sweet and not spicy." An honest claim names real tastes (the liked one first); a dishonest one
-    flatters the request: it claims the liked taste the item lacks and denies the hated taste it has."""
-    tastes = MENU[item][1]
-    like, dislike = request["like"], request["dislike"]
-    if honest:
-        words = rng.sample(sorted(tastes - {like}), len(tastes - {like}))  # a random order of the other tastes
-        words = (([like] if like in tastes else []) + words)[:2]
-        if dislike and dislike not in tastes and rng.random() < 0.5:
-            words = words[:1] + [f"not {dislike}"]
-    else:
-        words = ([like] if like and like not in tastes else []) + ([f"not {dislike}"] if dislike in tastes else [])
-        words = words or [rng.choice(sorted(set(ATTRIBUTES) - tastes))]
-    return f"It is {' and '.join(words)}."
-
-# Chosen so that about 70 % of human labels agree with the gold ranking (the agreement reported between human
-# annotators on HH-RLHF and TL;DR) on pairs of two world_answer samples for one world prompt, gold ties left out:
-# mean over such pairs of sigmoid(|g_a - g_b| / T) = 0.70 (see tests/test_data.py). Not tuned for any method.
-DEFAULT_HUMAN_TEMPERATURE = 3.0
+def human_temperature(gold_gaps, agreement=0.70):
+    """The Bradley-Terry temperature T at which noisy humans agree with the gold ranking at the given rate on
+    pairs with these gold gaps (ties left out): mean sigmoid(|gap| / T) = agreement, solved by bisection."""
+    gaps, lo, hi = np.abs(np.asarray(gold_gaps, dtype=float)), 1e-3, 1e3
+    for _ in range(60):  # agreement falls as T grows
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-gaps[gaps > 0] / mid))) > agreement else (lo, mid)
+    return mid
 
 def human_label(gold_a, gold_b, temperature, rng):
     """A noisy human: True (a preferred) with Bradley-Terry probability sigmoid((gold_a - gold_b) / temperature),

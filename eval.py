@@ -1,6 +1,6 @@
-"""Gold Reward Accuracy, and the built-in experiment: the paper's table in miniature.
+"""Gold Reward Accuracy, and the built-in experiment: CW-PO on a synthetic world whose gold reward is a program.
 
-    python eval.py                 # the built-in world: ~10 min on 2 CPU cores; --quick: ~1 min
+    python eval.py                 # 5 seeds, every method; --quick: a smaller run; --sweep: 10 / 20 / 30 % labels
     python eval.py --policy runs/cw-dpo --sft runs/sft --prompts heldout.jsonl --judge gold-rm/
 
 GRA (arXiv 2603.04968, Gold Reward Accuracy): for held-out prompts, a gold judge scores the aligned policy's answer and
@@ -17,6 +17,7 @@ import json
 import pathlib
 import random
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,15 +26,16 @@ import data
 import train_policy
 import train_weak
 from model import GPT, atomic_write, config_from_hf, generate, load_model, load_tokenizer, save_model
+from tools.figures import write_figures
 
 
-def generate_answers(model, tok, prompts, max_prompt_len=256, max_new_tokens=64, batch_size=64, temperature=0.0, seed=0):
+def generate_answers(model, tok, prompts, max_new_tokens=64, temperature=0.0, seed=0, batch_size=256):
     """Decoded answers of `model` to each prompt (greedy by default), with model.py's KV cache."""
     model.eval()
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     answers = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [data.encode_prompt(tok, p, max_prompt_len) for p in prompts[start:start + batch_size]]
+    for chunk in data.iterate_batches(prompts, batch_size):
+        ids = [data.encode_prompt(tok, p, 256) for p in chunk]
         new = generate(model, ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature, generator=generator)
         answers += [tok.decode(a) for a in new]
     return answers
@@ -41,7 +43,8 @@ def generate_answers(model, tok, prompts, max_prompt_len=256, max_new_tokens=64,
 
 def win_rate(policy_rewards, sft_rewards, n_boot=2000, seed=0):
     """GRA in %: mean over prompts of [policy > sft] + 0.5 [policy == sft], with a bootstrap 95 % interval."""
-    wins = (np.asarray(policy_rewards) > np.asarray(sft_rewards)) + 0.5 * (np.asarray(policy_rewards) == np.asarray(sft_rewards))
+    policy_rewards, sft_rewards = np.asarray(policy_rewards), np.asarray(sft_rewards)
+    wins = (policy_rewards > sft_rewards) + 0.5 * (policy_rewards == sft_rewards)
     boots = np.random.default_rng(seed).choice(wins, (n_boot, len(wins))).mean(1)
     return {"gra": 100 * wins.mean(), "lo": 100 * np.percentile(boots, 2.5), "hi": 100 * np.percentile(boots, 97.5)}
 
@@ -52,10 +55,10 @@ def judge_scores(judge_path, tok, prompts, answers, device, batch_size=32):
     judge = load_model(judge_path, dtype=torch.float32, device=device, reward=True).eval()
     has_tokenizer = any(os.path.exists(os.path.join(judge_path, f)) for f in ("tokenizer.json", "vocab.json"))
     judge_tok = load_tokenizer(judge_path) if has_tokenizer else tok  # a judge may read text with its own tokenizer
+    seqs = [data.encode_prompt_answer(judge_tok, p, a, 1024, 1024) for p, a in zip(prompts, answers)]
     scores = []
-    for start in range(0, len(prompts), batch_size):
-        seqs = [data.encode_prompt_answer(judge_tok, p, a, 1024, 1024) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
-        batch = data.collate(seqs, judge_tok.pad_id)
+    for chunk in data.iterate_batches(seqs, batch_size):
+        batch = data.collate(chunk, judge_tok.pad_id)
         scores += judge(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
     return scores
 
@@ -63,135 +66,196 @@ def judge_scores(judge_path, tok, prompts, answers, device, batch_size=32):
 # --------------------------------------------------------------------------- the built-in experiment
 
 RDPO = {"label_smoothing": 0.1}  # rDPO's assumed label-flip rate epsilon (0 would make it plain DPO)
-METHODS = {  # name: (training pairs, loss, loss options, weighting, normalization)
-    "DPO, human 100 %": ("human_pool", "sigmoid", {}, "none", "mean"),
-    "DPO, human 30 % only": ("labeled", "sigmoid", {}, "none", "mean"),
-    "WS-DPO (weak labels, weight 1)": ("weak", "sigmoid", {}, "none", "mean"),
-    "Top-30 % confident weak labels": ("weak", "sigmoid", {}, "top", "mean"),
-    "CW-DPO": ("weak", "sigmoid", {}, "confidence", "mean"),
-    "CW-DPO, normalized by sum C": ("weak", "sigmoid", {}, "confidence", "sum_w"),
-    "IPO, human 100 %": ("human_pool", "ipo", {}, "none", "mean"),
-    "CW-IPO": ("weak", "ipo", {}, "confidence", "mean"),
-    "rDPO, human 100 %": ("human_pool", "robust", RDPO, "none", "mean"),
-    "CW-rDPO": ("weak", "robust", RDPO, "confidence", "mean"),
+REFERENCE = "DPO, human 100 %"  # every method's paired difference is taken to this one
+METHODS = {  # name: (training pairs, train_policy options): 100 % human labels, the labeled part, or weak labels
+    REFERENCE: ("human_pool", {}),
+    "DPO, labeled part only": ("labeled", {}),
+    "WS-DPO (weak labels, weight 1)": ("weak", {}),
+    "Top-30 % confident weak labels": ("weak", {"weighting": "top", "top_fraction": 0.3}),
+    "CW-DPO": ("weak", {"weighting": "confidence"}),
+    "rDPO, human 100 %": ("human_pool", {"loss": "robust", "loss_options": RDPO}),
+    "CW-rDPO": ("weak", {"weighting": "confidence", "loss": "robust", "loss_options": RDPO}),
 }
+SWEEP = (REFERENCE, "DPO, labeled part only", "CW-DPO")
+POLICY_SIZE, WEAK_SIZE = (3, 96), (2, 64)  # (layers, width) of the strong policy and of the weak annotator
+VOCAB_SIZE, PRETRAIN_EPOCHS = 400, 4  # byte-level BPE trained on the world's text; epochs over that text
+ANNOTATOR_LR, ANNOTATOR_EPOCHS = 1e-3, 2  # its Bradley-Terry training on the labeled part
+HUMAN_AGREEMENT = 0.70  # with gold, as reported between human annotators on HH-RLHF and TL;DR; sets the BT temperature
+T_975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t quantiles, 1-10 df
 
 
-def training_args(model, out, **overrides):
-    argv = ["--model", model, "--data", "-", "--out", out, "--max-prompt-len", "48", "--max-answer-len", "48", "--log-every", "1000"]
-    args = train_policy.parser().parse_args(argv)
-    vars(args).update(dict(grad_checkpointing=False), **overrides)  # tiny models: memory is no concern
+class World(NamedTuple):
+    tok: object
+    sft_path: str
+    weak_path: str
+    pool: list  # {"prompt", "chosen", "rejected", "gold_margin"}: the pairs in drawn order, before any label
+    held_out: list  # prompts
+    sft_rewards: dict  # "sampled": the SFT model's mean gold reward over samples, per prompt; "greedy": of its answer
+    human_temperature: float
+
+
+def train(model, tok, pairs, start, out, device, log, **options):
+    """The one place that trains through train_policy (SFT, BT or preference): its flags, then `options`."""
+    argv = ["--model", start, "--data", "-", "--out", out, "--max-prompt-len", "48", "--max-answer-len", "48"]
+    args = train_policy.parser().parse_args(argv + ["--log-every", "100000"])
+    vars(args).update(dict(grad_checkpointing=False), **options)  # tiny models: memory is no concern
     os.makedirs(out, exist_ok=True)
-    return args
+    if args.objective == "bt":
+        return train_weak.train_annotator(pairs, args, device, log), args
+    examples = train_policy.encode_examples(tok, pairs, args)
+    if args.objective == "preference":
+        train_policy.add_reference_logps(model, examples, tok.pad_id, 256, device)
+    objective = train_policy.sft_objective if args.objective == "sft" else train_policy.preference_objective
+    return train_policy.train(model, examples, tok.pad_id, args, objective, device=device, log=log), args
 
 
-def pretrain(path, tok, sft_pairs, n_layer, d_model, args, device, log):
-    """A small Llama-style model trained from scratch on the world's text (the SFT stage), saved in HF layout."""
-    hf = dict(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=d_model, num_hidden_layers=n_layer,
-              num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * d_model, max_position_embeddings=256,
-              rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
-              hidden_act="silu", bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, dtype="float32")
+def pretrain(path, tok, pairs, size, device, log):
+    """A Llama-style model of `size` = (layers, width) trained from scratch on the world's text, saved in HF layout."""
+    hf = dict(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=size[1], num_hidden_layers=size[0],
+              num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * size[1], max_position_embeddings=256,
+              rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+              tie_word_embeddings=True, hidden_act="silu", bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+              pad_token_id=tok.pad_id, dtype="float32")
     torch.manual_seed(0)
     model = GPT(config_from_hf(hf)).init_weights().to(device)
-    targs = training_args(path, path, objective="sft", lr=3e-3, epochs=args.sft_epochs, batch_size=64, warmup_steps=20)
-    examples = train_policy.encode_examples(tok, sft_pairs, targs)
-    train_policy.train(model, examples, tok.pad_id, targs, train_policy.sft_objective, device=device, log=log)
+    train(model, tok, pairs, path, path, device, log, objective="sft", lr=3e-3, epochs=PRETRAIN_EPOCHS, batch_size=64)
     save_model(model, path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (pathlib.Path(path) / name).write_text((pathlib.Path(args.out) / "tokenizer" / name).read_text())
+        (pathlib.Path(path) / name).write_text((pathlib.Path(path).parent / "tokenizer" / name).read_text())
+
+
+def gold_rewards(model, tok, prompts, samples):
+    """Gold rewards of the greedy answer [P] and the mean over `samples` answers sampled at temperature 1 [P]."""
+    greedy = [data.gold_reward(p, a) for p, a in zip(prompts, generate_answers(model, tok, prompts))]
+    answers = generate_answers(model, tok, [p for p in prompts for _ in range(samples)], temperature=1.0, seed=1)
+    sampled = [data.gold_reward(p, a) for p, a in zip(np.repeat(prompts, samples), answers)]
+    return {"greedy": greedy, "sampled": np.reshape(sampled, (-1, samples)).mean(1)}
 
 
 def build_world(args, device, log):
-    """Tokenizer, SFT policy and weak base model; candidate pairs sampled from the SFT policy; held-out prompts."""
+    """Tokenizer, SFT policy and weak base model pretrained on the world's answers; the pair pool; held-out prompts."""
     rng = random.Random(0)
-    sft_pairs = [{"prompt": p, "chosen": data.world_answer(p, rng)} for p in data.world_prompts(args.sft_examples, seed=1)]
-    tok = data.train_tokenizer([p["prompt"] + p["chosen"] for p in sft_pairs], 650, os.path.join(args.out, "tokenizer"))
-    paths = {"sft": os.path.join(args.out, "sft"), "weak_base": os.path.join(args.out, "weak_base")}
-    pretrain(paths["sft"], tok, sft_pairs, 4, 128, args, device, log)
-    pretrain(paths["weak_base"], tok, sft_pairs, 2, 64, args, device, log)
-    sft = load_model(paths["sft"], device=device)
+    corpus = [{"prompt": p, "chosen": data.world_answer(p, rng)} for p in data.world_prompts(args.sft_examples, 1)]
+    texts = [p["prompt"] + p["chosen"] for p in corpus]
+    tok = data.train_tokenizer(texts, VOCAB_SIZE, os.path.join(args.out, "tokenizer"))
+    sft_path, weak_path = os.path.join(args.out, "sft"), os.path.join(args.out, "weak_base")
+    for path, size in ((sft_path, POLICY_SIZE), (weak_path, WEAK_SIZE)):  # both: SFT on the same answers
+        pretrain(path, tok, corpus, size, device, log)
     prompts = data.world_prompts(args.pairs + args.eval_prompts, seed=2)
-    pool, held_out = prompts[:args.pairs], prompts[args.pairs:]
-    a = generate_answers(sft, tok, pool, temperature=1.0, seed=1)
-    b = generate_answers(sft, tok, pool, temperature=1.0, seed=2)
-    pairs = [{"prompt": p, "answer_a": x, "answer_b": y, "gold_a": data.gold_reward(p, x), "gold_b": data.gold_reward(p, y)}
-             for p, x, y in zip(pool, a, b) if x != y]
-    sft_answers = generate_answers(sft, tok, held_out)
-    return tok, paths, pairs, held_out, [data.gold_reward(p, x) for p, x in zip(held_out, sft_answers)]
+    answers = [(data.world_answer(p, rng), data.world_answer(p, rng)) for p in prompts[:args.pairs]]
+    pool = [{"prompt": p, "chosen": a, "rejected": b, "gold_margin": data.gold_reward(p, a) - data.gold_reward(p, b)}
+            for p, (a, b) in zip(prompts, answers)]
+    temperature = data.human_temperature([p["gold_margin"] for p in pool], HUMAN_AGREEMENT)
+    sft_rewards = gold_rewards(load_model(sft_path, device=device), tok, prompts[args.pairs:], args.samples)
+    return World(tok, sft_path, weak_path, pool, prompts[args.pairs:], sft_rewards, temperature)
 
 
-def run_seed(seed, world, args, device, log):
-    """Noisy human labels, the annotator, and every method of METHODS for one seed -> results."""
-    tok, paths, pairs, held_out, sft_rewards = world
-    rng = random.Random(seed)
-    human = []
-    for p in pairs:
-        a_wins = data.human_label(p["gold_a"], p["gold_b"], args.human_temperature, rng)
-        chosen, rejected = ("a", "b") if a_wins else ("b", "a")
-        human.append({"prompt": p["prompt"], "chosen": p[f"answer_{chosen}"], "rejected": p[f"answer_{rejected}"],
-                      "gold_margin": p[f"gold_{chosen}"] - p[f"gold_{rejected}"]})
-    labeled, unlabeled, _ = data.split_pairs(human, args.labeled_fraction, 0, seed)
+def run_seed(seed, world, args, fraction, methods, device, log, progress):
+    """One seed: human labels, the split, the annotator and its weak labels, then each method -> results."""
+    rng, human = random.Random(seed), []
+    for p in world.pool:  # a noisy human keeps or swaps the drawn order
+        keep = data.human_label(p["gold_margin"], 0.0, world.human_temperature, rng)
+        human.append(p if keep else dict(p, chosen=p["rejected"], rejected=p["chosen"], gold_margin=-p["gold_margin"]))
+    labeled, unlabeled, _ = data.split_pairs(human, fraction, 0, seed)
     out = os.path.join(args.out, f"seed{seed}")
-    wargs = training_args(paths["weak_base"], out + "/weak", objective="bt", lr=1e-3, epochs=args.weak_epochs, seed=seed)
-    rm, _ = train_weak.train_annotator(labeled, wargs, device, log)
+    (rm, tok), wargs = train(None, world.tok, labeled, world.weak_path, out + "/weak", device, log, objective="bt",
+                             lr=ANNOTATOR_LR, epochs=ANNOTATOR_EPOCHS, seed=seed)
     weak = train_weak.weak_labels(unlabeled, *train_weak.score_pairs(rm, tok, unlabeled, wargs, device))
     # the annotator is right when it agrees with the gold ranking (gold ties left out)
-    gold_correct = [int((u["gold_margin"] > 0) == bool(w["human_agrees"])) for u, w in zip(unlabeled, weak) if u["gold_margin"]]
-    confidence = [w["confidence"] for u, w in zip(unlabeled, weak) if u["gold_margin"]]
-    result = {"annotator_vs_gold": train_weak.annotator_report(confidence, gold_correct),
-              "annotator_vs_human": np.mean([w["human_agrees"] for w in weak]),
-              "human_vs_gold": np.mean([h["gold_margin"] > 0 for h in human if h["gold_margin"]]), "methods": {}}
+    ranked = [(w["confidence"], int((u["gold_margin"] > 0) == bool(w["human_agrees"])))
+              for u, w in zip(unlabeled, weak) if u["gold_margin"]]
+    result = {"annotator_vs_gold": train_weak.annotator_report(*zip(*ranked)), "methods": {},
+              "human_vs_gold": float(np.mean([h["gold_margin"] > 0 for h in human if h["gold_margin"]]))}
+    progress(seed)
     sets = {"human_pool": labeled + unlabeled, "labeled": labeled, "weak": weak}
-    for name, (subset, loss, options, weighting, normalize) in METHODS.items():
-        policy = load_model(paths["sft"], device=device)
-        pargs = training_args(paths["sft"], out + "/policy", loss=loss, loss_options=options, weighting=weighting,
-                              normalize=normalize, lr=args.lr, beta=args.beta, epochs=args.epochs, seed=seed, top_fraction=0.3)
-        examples = train_policy.encode_examples(tok, sets[subset], pargs)
-        train_policy.add_reference_logps(policy, examples, tok.pad_id, 64, device, bf16=pargs.bf16)
-        train_policy.train(policy, examples, tok.pad_id, pargs, train_policy.preference_objective, device=device,
-                           log=log)
-        rewards = [data.gold_reward(p, x) for p, x in zip(held_out, generate_answers(policy, tok, held_out))]
-        result["methods"][name] = dict(win_rate(rewards, sft_rewards, seed=seed), mean_reward=float(np.mean(rewards)), pairs=len(examples))
-        log(f"seed {seed} | {name:32s} | GRA {result['methods'][name]['gra']:5.1f} % | gold reward {np.mean(rewards):+.3f}")
+    for name in methods:
+        (subset, options), policy = METHODS[name], load_model(world.sft_path, device=device)
+        train(policy, tok, sets[subset], world.sft_path, out + "/policy", device, log, lr=args.lr, beta=args.beta,
+              epochs=args.epochs, seed=seed, **options)
+        rewards = gold_rewards(policy, tok, world.held_out, args.samples)
+        result["methods"][name] = dict(win_rate(rewards["sampled"], world.sft_rewards["sampled"], seed=seed),
+                                       gra_greedy=win_rate(rewards["greedy"], world.sft_rewards["greedy"])["gra"],
+                                       mean_reward=float(rewards["sampled"].mean()), pairs=len(sets[subset]))
+        progress(seed, f"{name}: GRA {result['methods'][name]['gra']:.1f} %")
     return result
 
 
-def table(results, args, seconds):
-    """The paper's table in miniature, as markdown: GRA per seed (each with its bootstrap 95 % interval in the JSON)."""
-    lines = [f"GRA: % of {args.eval_prompts} held-out prompts where the policy's greedy answer beats the SFT model's under the "
-             f"gold reward (ties half), mean over {len(results)} seed(s) and per seed. {args.pairs} pairs, "
-             f"{args.labeled_fraction:.0%} human-labeled; run time {seconds / 60:.1f} min.", "",
-             "| method | GRA % | per seed | mean gold reward | pairs |", "|---|---|---|---|---|",
-             f"| SFT | 50.0 | | {np.mean(results[0]['sft_reward']):+.3f} | |"]
-    for name in METHODS:
-        rows = [r["methods"][name] for r in results]
-        per_seed = " / ".join(f"{r['gra']:.1f}" for r in rows)
-        lines.append(f"| {name} | {np.mean([r['gra'] for r in rows]):.1f} | {per_seed} | "
-                     f"{np.mean([r['mean_reward'] for r in rows]):+.3f} | {rows[0]['pairs']} |")
-    ann = {k: np.mean([r["annotator_vs_gold"][k] for r in results]) for k in results[0]["annotator_vs_gold"]
-           if k != "bins"}
-    lines += ["", f"Annotator (weak model, {args.labeled_fraction:.0%} labels) on the unlabeled pairs: accuracy vs gold "
-              f"{ann['accuracy']:.3f} (top 10/30/50 % confident: {ann['accuracy_top10']:.3f} / {ann['accuracy_top30']:.3f} / "
-              f"{ann['accuracy_top50']:.3f}), ECE {ann['ece']:.3f}; agreement with human labels "
-              f"{np.mean([r['annotator_vs_human'] for r in results]):.3f}; human labels vs gold "
-              f"{np.mean([r['human_vs_gold'] for r in results]):.3f}."]
-    return "\n".join(lines)
+def interval(values):
+    """Mean and the half-width of its 95 % t-interval over seeds."""
+    values = np.asarray(values, dtype=float)  # one seed gives no interval (nan)
+    t = T_975[len(values) - 2] if 2 <= len(values) <= len(T_975) + 1 else 2.0
+    return float(values.mean()), float(t * values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def world_checks(seeds):
+    """Is this a world where CW-PO can show its effect? Checked without any CW-PO method, averaged over seeds."""
+    ann = {k: np.mean([s["annotator_vs_gold"][k] for s in seeds]) for k in ("accuracy", "accuracy_top30")}
+    dpo, human = [s["methods"][REFERENCE]["gra"] for s in seeds], np.mean([s["human_vs_gold"] for s in seeds])
+    checks = [("annotator agrees with gold on >= 65 % of the unlabeled pairs", ann["accuracy"], 0.65),
+              ("its 30 % most confident labels: >= 8 points more", ann["accuracy_top30"] - ann["accuracy"], 0.08),
+              ("human labels agree with gold on 67-73 % of the pairs", human, 0.67 if human <= 0.73 else np.inf),
+              (f"{REFERENCE} beats SFT on every seed: lowest GRA > 50", min(dpo), 50 + 1e-9),
+              (f"{REFERENCE}: mean GRA >= 65", np.mean(dpo), 65)]
+    return [{"check": c, "value": float(v), "passed": bool(v >= least)} for c, v, least in checks]
+
+
+def summarize(seeds, methods):
+    """Per method: mean GRA with its 95 % t-interval over seeds, and the paired difference to REFERENCE."""
+    rows = {}
+    for name in methods:
+        gra = [s["methods"][name]["gra"] for s in seeds]
+        (mean, half), (diff, d_half) = interval(gra), interval([g - s["methods"][REFERENCE]["gra"]
+                                                                  for g, s in zip(gra, seeds)])
+        verdict = "better" if diff - d_half > 0 else "worse" if diff + d_half < 0 else "no difference shown"
+        rows[name] = {"gra": mean, "lo": mean - half, "hi": mean + half, "diff": diff, "diff_lo": diff - d_half,
+                      "diff_hi": diff + d_half, "verdict": verdict if name != REFERENCE else "", "per_seed": gra,
+                      "gra_greedy": float(np.mean([s["methods"][name]["gra_greedy"] for s in seeds]))}
+    return rows
+
+
+def table(run, args):
+    ann = {k: np.mean([s["annotator_vs_gold"][k] for s in run["seeds"]]) for k in ("accuracy", "accuracy_top30", "ece")}
+    lines = [f"### {run['labeled_fraction']:.0%} labeled, {args.pairs} pairs, {len(run['seeds'])} seeds", "",
+             f"| method | GRA % [95 % CI] | minus {REFERENCE} [95 % CI] | verdict | greedy GRA % | per seed |",
+             "|---|---|---|---|---|---|"]
+    for name, r in run["summary"].items():
+        diff = "" if name == REFERENCE else f"{r['diff']:+.1f} [{r['diff_lo']:+.1f}, {r['diff_hi']:+.1f}]"
+        lines.append(f"| {name} | {r['gra']:.1f} [{r['lo']:.1f}, {r['hi']:.1f}] | {diff} | {r['verdict']} | "
+                     f"{r['gra_greedy']:.1f} | {' / '.join(f'{g:.1f}' for g in r['per_seed'])} |")
+    lines += ["", f"Annotator vs gold on the unlabeled pairs: accuracy {ann['accuracy']:.3f}, its 30 % most "
+              f"confident {ann['accuracy_top30']:.3f}, ECE {ann['ece']:.3f}. World checks (no CW-PO method):"]
+    return "\n".join(lines + [f"- {'PASS' if c['passed'] else 'FAIL'}: {c['check']} ({c['value']:.3f})"
+                              for c in run["checks"]])
 
 
 def experiment(args):
     t0, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    os.makedirs(args.out, exist_ok=True)
-    log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+    log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
     world = build_world(args, device, log)
-    log(f"world: {len(world[2])} candidate pairs from the SFT policy, {len(world[3])} held-out prompts")
-    results = []
-    for seed in range(args.seeds):
-        results.append(dict(run_seed(seed, world, args, device, log), sft_reward=world[4]))
-    text = table(results, args, time.time() - t0)
+    log(f"world: {len(world.pool)} pairs, {len(world.held_out)} prompts, human T {world.human_temperature:.2f}")
+    runs = [(f, SWEEP) for f in (0.1, 0.2, 0.3)] if args.sweep else [(args.labeled_fraction, tuple(METHODS))]
+    units, done, t_start = args.seeds * sum(len(m) + 1 for _, m in runs), [0], time.time()
+
+    def progress(seed, what="annotator trained"):
+        done[0] += 1
+        eta = (time.time() - t_start) / done[0] * (units - done[0])
+        log(f"seed {seed + 1} of {args.seeds} | step {done[0]} of {units} | {what} | ETA {eta / 60:.1f} min")
+
+    results = {"args": vars(args), "runs": []}
+    for fraction, methods in runs:
+        seeds = [run_seed(seed, world, args, fraction, methods, device, log, progress) for seed in range(args.seeds)]
+        results["runs"].append({"labeled_fraction": fraction, "seeds": seeds, "summary": summarize(seeds, methods),
+                                "checks": world_checks(seeds)})
+    results["seconds"] = time.time() - t0
+    text = f"GRA: % of {args.eval_prompts} held-out prompts where the policy's mean gold reward over {args.samples} " \
+           f"sampled answers beats the SFT model's (greedy GRA: one greedy answer each); mean over seeds with its " \
+           f"95 % t-interval; differences paired by seed. Run time {results['seconds'] / 60:.1f} min.\n\n"
+    text += "\n\n".join(table(run, args) for run in results["runs"])
     print("\n" + text)
     atomic_write(os.path.join(args.out, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(text + "\n"))
     atomic_write(os.path.join(args.out, "results.json"), lambda tmp: pathlib.Path(tmp).write_text(
-        json.dumps({"args": vars(args), "seeds": results, "seconds": time.time() - t0}, indent=1, default=float)))
+        json.dumps(results, indent=1, default=float)))
+    write_figures(results, args.out)
 
 
 def main(args):
@@ -200,28 +264,28 @@ def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(args.policy)
     prompts = sorted({p["prompt"] for p in data.load_pairs(args.prompts)})[:args.eval_prompts]
-    answers = {name: generate_answers(load_model(path, device=device), tok, prompts, max_new_tokens=args.max_new_tokens)
+    answers = {name: generate_answers(load_model(path, device=device), tok, prompts, args.max_new_tokens)
                for name, path in (("policy", args.policy), ("sft", args.sft))}
     scores = {name: judge_scores(args.judge, tok, prompts, a, device) for name, a in answers.items()}
-    result = dict(win_rate(scores["policy"], scores["sft"]), mean_reward=float(np.mean(scores["policy"])), prompts=len(prompts))
+    result = dict(win_rate(scores["policy"], scores["sft"]), mean_reward=float(np.mean(scores["policy"])),
+                  prompts=len(prompts))
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/experiment", help="built-in experiment: output folder")
-    p.add_argument("--quick", action="store_true", help="built-in experiment, smaller (about a minute)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=1600, help="candidate pairs sampled from the SFT policy")
-    p.add_argument("--eval-prompts", type=int, default=400)
+    p.add_argument("--quick", action="store_true", help="built-in experiment, smaller (about 2 minutes)")
+    p.add_argument("--sweep", action="store_true", help="CW-DPO against DPO at 10 / 20 / 30 % labels")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--pairs", type=int, default=2000, help="preference pairs (two answers to one prompt)")
+    p.add_argument("--eval-prompts", type=int, default=300)
+    p.add_argument("--samples", type=int, default=4, help="sampled answers per held-out prompt")
     p.add_argument("--sft-examples", type=int, default=4000)
-    p.add_argument("--sft-epochs", type=int, default=3)
-    p.add_argument("--weak-epochs", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=2, help="preference optimization epochs")
+    p.add_argument("--epochs", type=int, default=1, help="preference optimization epochs")
     p.add_argument("--lr", type=float, default=1e-4, help="preference optimization learning rate")
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--beta", type=float, default=0.3)
     p.add_argument("--labeled-fraction", type=float, default=0.3)
-    p.add_argument("--human-temperature", type=float, default=data.DEFAULT_HUMAN_TEMPERATURE)
     p.add_argument("--policy", help="GRA of this checkpoint against --sft, judged by --judge, on --prompts")
     p.add_argument("--sft")
     p.add_argument("--prompts", help="a pairs file whose prompts are evaluated")
@@ -229,5 +293,5 @@ if __name__ == "__main__":
     p.add_argument("--max-new-tokens", type=int, default=128)
     args = p.parse_args()
     if args.quick:
-        vars(args).update(seeds=1, pairs=400, eval_prompts=100, sft_examples=1000, sft_epochs=2, weak_epochs=2, epochs=1)
-    main(args)
+        vars(args).update(seeds=2, pairs=800, eval_prompts=100, sft_examples=800)
+    train_policy.run_script(main, args)

@@ -206,7 +206,7 @@ def tok(tmp_path_factory):
     prompts = data.world_prompts(400, seed=0)
     rng = random.Random(0)
     texts = prompts + [data.world_answer(p, rng) for p in prompts]
-    return data.train_tokenizer(texts, vocab_size=500, out_dir=str(tmp_path_factory.mktemp("tok")))
+    return data.train_tokenizer(texts, vocab_size=300, out_dir=str(tmp_path_factory.mktemp("tok")))
 
 
 def test_tokenizer_files_round_trip_and_bos(tok, tmp_path):
@@ -215,7 +215,7 @@ def test_tokenizer_files_round_trip_and_bos(tok, tmp_path):
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<|bos|>", "<|eos|>", "<|pad|>")
     assert len({tok2.bos_id, tok2.eos_id, tok2.pad_id}) == 3 and None not in (tok2.bos_id, tok2.eos_id, tok2.pad_id)
-    assert tok.get_vocab_size() == 500
+    assert tok.get_vocab_size() == 300
     for text in data.world_prompts(20, seed=9) + [" I'm sorry, naïve ☃ café!\n\n  x", "", "\t\t$%^"]:
         ids = tok.encode(text).ids
         assert ids[0] == tok.bos_id and tok.encode(text, add_special_tokens=False).ids == ids[1:]
@@ -296,9 +296,9 @@ def test_iterate_batches():
 
 # ----------------------------------------------------------------------------- the built-in world
 
-SNACK_SWEET = "\n\nHuman: I want a snack for tonight. I like sweet food. I hate spicy food. I have 5 dollars.\n\nAssistant:"
-SNACK_SPICY = "\n\nHuman: I want a snack for tonight. I like spicy food. I hate sweet food. I have 5 dollars.\n\nAssistant:"
-YOGURT = " Sure! Try the fruit yogurt. It is sweet and creamy. It costs 4 dollars. Enjoy!"
+SNACK_SWEET = "\n\nHuman: Can you suggest a snack? I like sweet food.\n\nAssistant:"
+SNACK_SPICY = "\n\nHuman: What snack should I get? I am in the mood for something spicy.\n\nAssistant:"
+POPCORN = " Sure! Try the caramel popcorn. It is sweet. Enjoy!"
 
 
 def test_world_prompts_are_seeded_hh_transcripts_the_loader_reads(tmp_path):
@@ -313,70 +313,53 @@ def test_world_prompts_are_seeded_hh_transcripts_the_loader_reads(tmp_path):
 
 
 def test_parse_request():
-    assert data.parse_request(SNACK_SWEET) == {"category": "snack", "like": "sweet", "dislike": "spicy",
-                                               "budget": 5, "brief": False}
-    prompt = "\n\nHuman: Can you suggest a drink? Please nothing sour. Keep it brief.\n\nAssistant:"
-    assert data.parse_request(prompt) == {"category": "drink", "like": None, "dislike": "sour",
-                                          "budget": None, "brief": True}
+    assert data.parse_request(SNACK_SWEET) == {"category": "snack", "like": "sweet", "brief": False}
+    assert data.parse_request(SNACK_SPICY.replace("spicy.", "spicy. Please keep it short.")) == \
+        {"category": "snack", "like": "spicy", "brief": True}
+    assert data.parse_request("\n\nHuman: Hello.\n\nAssistant:") == {"category": None, "like": None, "brief": False}
 
 
 def test_gold_reward_judges_the_answer_against_the_prompt():
-    # Hand-computed from the documented formula. Fruit yogurt: snack, sweet/creamy/cold, 4 dollars.
-    # SNACK_SWEET: category +1, liked sweet +1.5, within budget +0.5, true claims and price, polite +0.25.
-    assert data.gold_reward(SNACK_SWEET, YOGURT) == pytest.approx(3.25)
-    # The same answer to the opposite person: the hated taste -2 replaces the liked +1.5.
-    assert data.gold_reward(SNACK_SPICY, YOGURT) == pytest.approx(-0.25)
-    # Chili chips (spicy, salty, 3 dollars) flip the two.
-    chips = " Sure! Try the chili chips. It is spicy and salty. It costs 3 dollars. Enjoy!"
-    assert data.gold_reward(SNACK_SPICY, chips) == pytest.approx(3.25)
-    assert data.gold_reward(SNACK_SWEET, chips) == pytest.approx(-0.25)
-    # Wrong category (a dinner for a snack request: -1.5) and over budget (9 > 5: -1 - 0.2 * 4).
-    curry = " Try the chicken curry."
-    assert data.gold_reward(SNACK_SPICY, curry) == pytest.approx(-1.5 + 1.5 - 1.8)
-    # Lies: a taste the item lacks (-0.75), a denied taste it has (-0.75), a wrong price (-0.5).
-    assert data.gold_reward(SNACK_SWEET, " Try the fruit yogurt. It is spicy and not creamy.") == pytest.approx(1.5)
-    assert data.gold_reward(SNACK_SWEET, " Try the fruit yogurt. It is not spicy.") == pytest.approx(3.0)
-    assert data.gold_reward(SNACK_SWEET, " Try the fruit yogurt. It costs 2 dollars.") == pytest.approx(2.5)
-    # "spicy nuts" are spicy, so the name is a true claim; hedging between items costs 0.5.
-    nuts = data.gold_reward(SNACK_SWEET, " Try the spicy nuts.")  # +1, hated -2, over budget 6 > 5: -1.2
-    assert nuts == pytest.approx(-2.2)
-    assert data.gold_reward(SNACK_SWEET, " Try the fruit yogurt or the ice pops.") == pytest.approx(2.5)
-    # No item at all, rudeness, and verbosity that matters more when the person asked for a short answer.
-    assert data.gold_reward(SNACK_SWEET, " I do not know what to get.") == pytest.approx(-2.0)
-    assert data.gold_reward(SNACK_SWEET, " Whatever. Try the fruit yogurt.") == pytest.approx(2.0)
-    long = YOGURT + " Many people like it. It is very popular."  # 7 sentences
-    brief = SNACK_SWEET.replace(" I have 5 dollars.", " I have 5 dollars. Keep it brief.")
-    assert data.gold_reward(SNACK_SWEET, long) == pytest.approx(3.25 - 0.1 * 2)
-    assert data.gold_reward(brief, long) == pytest.approx(3.25 - 0.4 * 4)
+    # Hand-computed from the documented formula. Caramel popcorn: a sweet snack.
+    assert data.gold_reward(SNACK_SWEET, POPCORN) == pytest.approx(1.5 + 1.0 + 0.5)  # category, taste, polite
+    assert data.gold_reward(SNACK_SPICY, POPCORN) == pytest.approx(1.5 + 0.5)  # the same answer, another taste
+    assert data.gold_reward(SNACK_SPICY, " Sure! Try the chili chips. It is spicy. Enjoy!") == pytest.approx(3.0)
+    assert data.gold_reward(SNACK_SWEET, " Try the hot chocolate.") == pytest.approx(-1.5 + 1.0)  # a drink
+    assert data.gold_reward(SNACK_SWEET, " Try the chili chips. It is sweet.") == pytest.approx(1.5 - 1.0)  # a lie
+    assert data.gold_reward(SNACK_SWEET, " Try the lemon candy or the caramel popcorn.") == pytest.approx(1.5)
+    assert data.gold_reward(SNACK_SWEET, " Ugh, fine. Try the caramel popcorn. Enjoy!") == pytest.approx(2.0)
+    assert data.gold_reward(SNACK_SWEET, " Sure!") == pytest.approx(-3.0 + 0.5)  # no item
+    long = POPCORN + " Many people like it. It is very popular."
+    assert data.gold_reward(SNACK_SWEET, long) == pytest.approx(3.0 - 0.5 * 2)
+    brief = SNACK_SWEET.replace("food.", "food. Please keep it short.")
+    assert data.gold_reward(brief, long) == pytest.approx(3.0 - 1.0 * 2)
 
 
 def test_gold_reward_never_raises_on_garbled_answers():
     rng = random.Random(0)
     alphabet = "abcdefghijklmnopqrstuvwxyz .!?,'()[]*+\\|$^\n0123456789ñ☃"
-    garbled = ["", " ", "((((", "not not not", "99999999999999999999 dollars", "\x00\ufffd", "the the the",
-               " Try the the fruit fruit yogurt yogurt. 12 dollars 3 dollars not sweet sweet!!!"]
+    garbled = ["", " ", "((((", "it is it is", "\x00\ufffd", "the the the", " Try the the caramel caramel popcorn!!"]
     garbled += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(300)]
     words = " ".join(data.world_prompts(20, seed=0) + [data.world_answer(p, rng) for p in data.world_prompts(20, 1)])
     garbled += [" ".join(rng.choices(words.split(), k=rng.randint(1, 30))) for _ in range(300)]
-    for prompt in (SNACK_SWEET, "", "Human: ????", "\n\nHuman: I like dollars 5\n\nAssistant:"):
+    for prompt in (SNACK_SWEET, "", "Human: ????", "\n\nHuman: I like like\n\nAssistant:"):
         for answer in garbled:
             reward = data.gold_reward(prompt, answer)
             assert isinstance(reward, float) and math.isfinite(reward)
 
 
-def test_world_answers_vary_in_quality_and_pairs_span_easy_and_hard():
+def test_world_answers_vary_with_care_and_pairs_span_easy_and_hard():
     prompts = data.world_prompts(600, seed=11)
     rng = random.Random(1)
-    means = {q: np.mean([data.gold_reward(p, data.world_answer(p, rng, q)) for p in prompts])
-             for q in ("good", "mediocre", "bad")}
-    assert means["good"] > means["mediocre"] + 1.0 > means["bad"] + 2.0
+    means = [np.mean([data.gold_reward(p, data.world_answer(p, rng, care)) for p in prompts]) for care in (0, 0.5, 1)]
+    assert means[2] > means[1] + 1.0 > means[0] + 2.0
     answers = [data.world_answer(p, rng) for p in prompts]
-    assert all(a.startswith(" ") for a in answers) and len(set(answers)) > 500
+    assert all(a.startswith(" ") for a in answers) and len(set(answers)) > 300
     assert [data.world_answer(p, random.Random(5)) for p in prompts[:20]] == \
            [data.world_answer(p, random.Random(5)) for p in prompts[:20]]
     gaps = np.abs([data.gold_reward(p, data.world_answer(p, rng)) - data.gold_reward(p, data.world_answer(p, rng))
                    for p in prompts])
-    assert np.mean((gaps > 0) & (gaps <= 1.0)) > 0.15 and np.mean(gaps >= 4.0) > 0.15
+    assert np.mean((gaps > 0) & (gaps <= 1.0)) > 0.15 and np.mean(gaps >= 3.0) > 0.15
 
 
 def test_human_label_follows_bradley_terry():
@@ -390,14 +373,15 @@ def test_human_label_follows_bradley_terry():
     assert data.human_label(1.0, 0.5, 0.0, rng) and not data.human_label(0.5, 1.0, 0.0, rng)
 
 
-def test_default_temperature_gives_about_70_percent_agreement_with_gold():
+@pytest.mark.parametrize("target", [0.70, 0.85])
+def test_human_temperature_gives_the_target_agreement_with_gold(target):
     # Pairs as the pipeline makes them: two sampled answers to one prompt; gold ties have no ranking to agree with.
     rng = random.Random(2024)
-    agree, n = 0, 0
+    gaps = []
     for prompt in data.world_prompts(8000, seed=2024):
-        g_a = data.gold_reward(prompt, data.world_answer(prompt, rng))
-        g_b = data.gold_reward(prompt, data.world_answer(prompt, rng))
-        if g_a != g_b:
-            agree += data.human_label(g_a, g_b, data.DEFAULT_HUMAN_TEMPERATURE, rng) == (g_a > g_b)
-            n += 1
-    assert abs(agree / n - 0.70) < 0.03  # tolerance: 0.03 (sampling s.d. is about 0.005 here)
+        gaps.append(data.gold_reward(prompt, data.world_answer(prompt, rng)) -
+                    data.gold_reward(prompt, data.world_answer(prompt, rng)))
+    temperature = data.human_temperature(gaps, target)
+    labels = [(data.human_label(g, 0.0, temperature, rng), g > 0) for g in gaps if g != 0]
+    agreement = np.mean([label == truth for label, truth in labels])
+    assert abs(agreement - target) < 0.02  # tolerance: 0.02 (sampling s.d. is about 0.005 here)

@@ -1,0 +1,101 @@
+"""SVG figures from the built-in experiment's results.json, written by hand (the project uses no plotting package).
+
+    python tools/figures.py runs/experiment/results.json figures/
+
+reliability_svg: the annotator's reliability diagram (accuracy per confidence bin beside the bin's mean BT
+probability, with the pair count per bin); gra_svg: GRA per method with its 95 % interval.
+"""
+import json
+import os
+import sys
+from xml.sax.saxutils import escape
+
+W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 400, 60, 20, 40, 50  # canvas and margins, in pixels
+
+
+def _svg(path, width, height, title, body):
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+            f'font-size="12"><rect width="100%" height="100%" fill="white"/>'
+            f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(head + "".join(body) + "</svg>\n")
+
+
+def reliability_svg(bins, path, title):
+    """bins: train_weak.annotator_report(...)["bins"] (p_lo, p_hi, pairs, mean_p, accuracy). A bar per bin at its
+    accuracy, a dot at its mean BT probability (on the diagonal if calibrated), the pair count above the bar."""
+    x = lambda p: LEFT + (p - 0.5) / 0.5 * (W - LEFT - RIGHT)  # noqa: E731  p in [0.5, 1]
+    y = lambda a: H - BOTTOM - a * (H - TOP - BOTTOM)  # noqa: E731  accuracy in [0, 1]
+    body = [f'<line x1="{x(0.5)}" y1="{y(0.5)}" x2="{x(1)}" y2="{y(1)}" stroke="gray" stroke-dasharray="4"/>']
+    for b in bins:
+        body.append(f'<rect x="{x(b["p_lo"]) + 2}" y="{y(b["accuracy"])}" width="{x(b["p_hi"]) - x(b["p_lo"]) - 4}" '
+                    f'height="{y(0) - y(b["accuracy"])}" fill="steelblue" opacity="0.7"/>')
+        body.append(f'<circle cx="{x(b["mean_p"])}" cy="{y(b["mean_p"])}" r="4" fill="darkorange"/>')
+        body.append(f'<text x="{(x(b["p_lo"]) + x(b["p_hi"])) / 2}" y="{y(b["accuracy"]) - 4}" '
+                    f'text-anchor="middle" font-size="10">{b["pairs"]}</text>')
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        body.append(f'<text x="{LEFT - 6}" y="{y(t) + 4}" text-anchor="end">{t:.2f}</text>')
+        body.append(f'<text x="{x(0.5 + t / 2)}" y="{H - BOTTOM + 16}" text-anchor="middle">{0.5 + t / 2:.3g}</text>')
+    body += [f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">BT probability of the weak label, (1 + C) / 2'
+             f'</text>', f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" text-anchor="middle">'
+             'accuracy vs gold (bars; dots: mean probability; numbers: pairs)</text>']
+    _svg(path, W, H, title, body)
+
+
+def gra_svg(rows, path, title, reference=None):
+    """rows: {method: {"gra", "lo", "hi"}}: one horizontal interval per method, a line at 50 (the SFT model) and
+    a dotted line at the reference method's mean."""
+    row_h, left = 24, 230
+    height = TOP + BOTTOM + row_h * len(rows)
+    x = lambda g: left + g / 100 * (W - left - RIGHT)  # noqa: E731  GRA in [0, 100]
+    body = [f'<line x1="{x(50)}" y1="{TOP}" x2="{x(50)}" y2="{height - BOTTOM}" stroke="gray"/>']
+    if reference in rows:
+        body.append(f'<line x1="{x(rows[reference]["gra"])}" y1="{TOP}" x2="{x(rows[reference]["gra"])}" '
+                    f'y2="{height - BOTTOM}" stroke="gray" stroke-dasharray="3"/>')
+    for i, (name, r) in enumerate(rows.items()):
+        cy = TOP + row_h * (i + 0.5)
+        body += [f'<text x="{left - 8}" y="{cy + 4}" text-anchor="end">{escape(name)}</text>',
+                 f'<line x1="{x(r["lo"])}" y1="{cy}" x2="{x(r["hi"])}" y2="{cy}" stroke="steelblue" stroke-width="3"/>',
+                 f'<circle cx="{x(r["gra"])}" cy="{cy}" r="4" fill="darkorange"/>',
+                 f'<text x="{x(r["hi"]) + 6}" y="{cy + 4}" font-size="10">{r["gra"]:.1f}</text>']
+    for g in range(0, 101, 25):
+        body.append(f'<text x="{x(g)}" y="{height - BOTTOM + 16}" text-anchor="middle">{g}</text>')
+    body.append(f'<text x="{(left + W) / 2}" y="{height - 12}" text-anchor="middle">GRA % against the SFT model '
+                f'(mean over seeds, 95 % t-interval; solid line: 50)</text>')
+    _svg(path, W, height, title, body)
+
+
+def pooled_bins(bin_lists):
+    """Reliability bins of several seeds merged bin by bin: pair counts add, mean p and accuracy are pair-weighted."""
+    merged = {}
+    for bins in bin_lists:
+        for b in bins:
+            m = merged.setdefault(b["p_lo"], {"p_lo": b["p_lo"], "p_hi": b["p_hi"], "pairs": 0, "mean_p": 0.0,
+                                              "accuracy": 0.0})
+            m["pairs"] += b["pairs"]
+            m["mean_p"] += b["mean_p"] * b["pairs"]
+            m["accuracy"] += b["accuracy"] * b["pairs"]
+    for m in merged.values():
+        m["mean_p"], m["accuracy"] = m["mean_p"] / m["pairs"], m["accuracy"] / m["pairs"]
+    return [merged[k] for k in sorted(merged)]
+
+
+def write_figures(results, out_dir):
+    """reliability-NN.svg and gra-NN.svg for each labeled fraction NN % of a results.json dict; -> the paths."""
+    paths = []
+    for run in results["runs"]:
+        pct, n = round(100 * run["labeled_fraction"]), len(run["seeds"])
+        bins = pooled_bins([s["annotator_vs_gold"]["bins"] for s in run["seeds"]])
+        paths.append(os.path.join(out_dir, f"reliability-{pct}.svg"))
+        reliability_svg(bins, paths[-1], f"Weak annotator ({pct} % labels), unlabeled pairs of {n} seeds")
+        paths.append(os.path.join(out_dir, f"gra-{pct}.svg"))
+        gra_svg(run["summary"], paths[-1], f"GRA per method, {pct} % labeled, {n} seeds", "DPO, human 100 %")
+    return paths
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
+    with open(sys.argv[1]) as f:
+        print("\n".join(write_figures(json.load(f), sys.argv[2])))
