@@ -4,6 +4,7 @@ import gzip
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import sys
@@ -11,6 +12,8 @@ import sys
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from model import atomic_write
 
 ASSISTANT = "\n\nAssistant:"
 
@@ -316,8 +319,6 @@ def train_tokenizer(texts, vocab_size, out_dir):
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     os.makedirs(out_dir, exist_ok=True)
     for name, text in (("tokenizer.json", tok.to_str()), ("tokenizer_config.json", json.dumps(config, indent=2))):
-        with open(os.path.join(out_dir, name + ".tmp"), "w", encoding="utf-8") as f:  # atomic: write, then rename
-            f.write(text)
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+        atomic_write(os.path.join(out_dir, name), lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
     tok.bos_id, tok.eos_id, tok.pad_id = (tok.token_to_id(t) for t in (BOS, EOS, PAD))
     return tok

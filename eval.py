@@ -28,7 +28,6 @@ import train_weak
 from model import GPT, atomic_write, config_from_hf, generate, load_model, load_tokenizer, save_model
 from tools.figures import write_figures
 
-
 def generate_answers(model, tok, prompts, max_new_tokens=64, temperature=0.0, seed=0, batch_size=256):
     """Decoded answers of `model` to each prompt (greedy by default), with model.py's KV cache."""
     model.eval()
@@ -40,14 +39,12 @@ def generate_answers(model, tok, prompts, max_new_tokens=64, temperature=0.0, se
         answers += [tok.decode(a) for a in new]
     return answers
 
-
 def win_rate(policy_rewards, sft_rewards, n_boot=2000, seed=0):
     """GRA in %: mean over prompts of [policy > sft] + 0.5 [policy == sft], with a bootstrap 95 % interval."""
     policy_rewards, sft_rewards = np.asarray(policy_rewards), np.asarray(sft_rewards)
     wins = (policy_rewards > sft_rewards) + 0.5 * (policy_rewards == sft_rewards)
     boots = np.random.default_rng(seed).choice(wins, (n_boot, len(wins))).mean(1)
     return {"gra": 100 * wins.mean(), "lo": 100 * np.percentile(boots, 2.5), "hi": 100 * np.percentile(boots, 97.5)}
-
 
 @torch.no_grad()
 def judge_scores(judge_path, tok, prompts, answers, device, batch_size=32):
@@ -61,7 +58,6 @@ def judge_scores(judge_path, tok, prompts, answers, device, batch_size=32):
         batch = data.collate(chunk, judge_tok.pad_id)
         scores += judge(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
     return scores
-
 
 # --------------------------------------------------------------------------- the built-in experiment
 
@@ -83,7 +79,6 @@ ANNOTATOR_LR, ANNOTATOR_EPOCHS = 1e-3, 2  # its Bradley-Terry training on the la
 HUMAN_AGREEMENT = 0.70  # with gold, as reported between human annotators on HH-RLHF and TL;DR; sets the BT temperature
 T_975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t quantiles, 1-10 df
 
-
 class World(NamedTuple):
     tok: object
     sft_path: str
@@ -92,7 +87,6 @@ class World(NamedTuple):
     held_out: list  # prompts
     sft_rewards: dict  # "sampled": the SFT model's mean gold reward over samples, per prompt; "greedy": of its answer
     human_temperature: float
-
 
 def train(model, tok, pairs, start, out, device, log, **options):
     """The one place that trains through train_policy (SFT, BT or preference): its flags, then `options`."""
@@ -108,7 +102,6 @@ def train(model, tok, pairs, start, out, device, log, **options):
     objective = train_policy.sft_objective if args.objective == "sft" else train_policy.preference_objective
     return train_policy.train(model, examples, tok.pad_id, args, objective, device=device, log=log), args
 
-
 def pretrain(path, tok, pairs, size, device, log):
     """A Llama-style model of `size` = (layers, width) trained from scratch on the world's text, saved in HF layout."""
     hf = dict(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=size[1], num_hidden_layers=size[0],
@@ -123,14 +116,12 @@ def pretrain(path, tok, pairs, size, device, log):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (pathlib.Path(path) / name).write_text((pathlib.Path(path).parent / "tokenizer" / name).read_text())
 
-
 def gold_rewards(model, tok, prompts, samples):
     """Gold rewards of the greedy answer [P] and the mean over `samples` answers sampled at temperature 1 [P]."""
     greedy = [data.gold_reward(p, a) for p, a in zip(prompts, generate_answers(model, tok, prompts))]
     answers = generate_answers(model, tok, [p for p in prompts for _ in range(samples)], temperature=1.0, seed=1)
     sampled = [data.gold_reward(p, a) for p, a in zip(np.repeat(prompts, samples), answers)]
     return {"greedy": greedy, "sampled": np.reshape(sampled, (-1, samples)).mean(1)}
-
 
 def build_world(args, device, log):
     """Tokenizer, SFT policy and weak base model pretrained on the world's answers; the pair pool; held-out prompts."""
@@ -148,7 +139,6 @@ def build_world(args, device, log):
     temperature = data.human_temperature([p["gold_margin"] for p in pool], HUMAN_AGREEMENT)
     sft_rewards = gold_rewards(load_model(sft_path, device=device), tok, prompts[args.pairs:], args.samples)
     return World(tok, sft_path, weak_path, pool, prompts[args.pairs:], sft_rewards, temperature)
-
 
 def run_seed(seed, world, args, fraction, methods, device, log, progress):
     """One seed: human labels, the split, the annotator and its weak labels, then each method -> results."""
@@ -179,13 +169,11 @@ def run_seed(seed, world, args, fraction, methods, device, log, progress):
         progress(seed, f"{name}: GRA {result['methods'][name]['gra']:.1f} %")
     return result
 
-
 def interval(values):
     """Mean and the half-width of its 95 % t-interval over seeds."""
     values = np.asarray(values, dtype=float)  # one seed gives no interval (nan)
     t = T_975[len(values) - 2] if 2 <= len(values) <= len(T_975) + 1 else 2.0
     return float(values.mean()), float(t * values.std(ddof=1) / np.sqrt(len(values)))
-
 
 def world_checks(seeds):
     """Is this a world where CW-PO can show its effect? Checked without any CW-PO method, averaged over seeds."""
@@ -197,7 +185,6 @@ def world_checks(seeds):
               (f"{REFERENCE} beats SFT on every seed: lowest GRA > 50", min(dpo), 50 + 1e-9),
               (f"{REFERENCE}: mean GRA >= 65", np.mean(dpo), 65)]
     return [{"check": c, "value": float(v), "passed": bool(v >= least)} for c, v, least in checks]
-
 
 def summarize(seeds, methods):
     """Per method: mean GRA with its 95 % t-interval over seeds, and the paired difference to REFERENCE."""
@@ -212,7 +199,6 @@ def summarize(seeds, methods):
                       "gra_greedy": float(np.mean([s["methods"][name]["gra_greedy"] for s in seeds]))}
     return rows
 
-
 def table(run, args):
     ann = {k: np.mean([s["annotator_vs_gold"][k] for s in run["seeds"]]) for k in ("accuracy", "accuracy_top30", "ece")}
     lines = [f"### {run['labeled_fraction']:.0%} labeled, {args.pairs} pairs, {len(run['seeds'])} seeds", "",
@@ -226,7 +212,6 @@ def table(run, args):
               f"confident {ann['accuracy_top30']:.3f}, ECE {ann['ece']:.3f}. World checks (no CW-PO method):"]
     return "\n".join(lines + [f"- {'PASS' if c['passed'] else 'FAIL'}: {c['check']} ({c['value']:.3f})"
                               for c in run["checks"]])
-
 
 def experiment(args):
     t0, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -257,7 +242,6 @@ def experiment(args):
         json.dumps(results, indent=1, default=float)))
     write_figures(results, args.out)
 
-
 def main(args):
     if not args.policy:
         return experiment(args)
@@ -270,7 +254,6 @@ def main(args):
     result = dict(win_rate(scores["policy"], scores["sft"]), mean_reward=float(np.mean(scores["policy"])),
                   prompts=len(prompts))
     print(json.dumps(result))
-
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -505,7 +505,4 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, to
             break
         mask[:, P + t] = 1
         logits = model(nxt[:, None], mask[:, :P + t + 1], cache=cache, start=P + t)[:, -1]
-    result = []
-    for row in out.tolist():
-        result.append(row[:row.index(eos_id)] if eos_id in row else row[:t + 1])
-    return result
+    return [row[:row.index(eos_id)] if eos_id in row else row[:t + 1] for row in out.tolist()]
