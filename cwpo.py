@@ -60,12 +60,8 @@ def weighted_mean(losses, weights, normalize="mean"):
     all ones (standard training) or a 0/1 top-N % mask. normalize="sum_w" gives sum_i(w_i l_i) / sum_i(w_i), and
     "sum" the plain sum_i(w_i l_i), for a trainer that divides once over a batch split into micro-batches.
 
-    Learning rate: with "mean" the gradient is mean(w) times that of a w-weighted average of the per-pair
-    gradients, so weights averaging ~0.5 (typical confidences) act like halving the learning rate compared with
-    standard DPO at w = 1, and a 30 % top-N mask like dividing it by ~3. "sum_w" normalizes that away: only the
-    relative weights matter, as with hard selection. With "mean" a pair's weight is absolute (a pair with C = 0.1
-    moves the model 10x less than one with C = 1 whatever the rest of the batch); with "sum_w" it depends on the
-    batch, and the effective learning rate of a batch of uncertain pairs is the same as for confident ones.
+    With "mean" a pair's weight is absolute (C = 0.1 moves the model 10x less than C = 1), and confidences averaging
+    ~0.5 act like half the learning rate of DPO at w = 1; "sum_w" keeps only the relative weights, as hard selection.
     """
     weighted = weights * losses
     if normalize == "mean":
@@ -80,13 +76,13 @@ def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="si
                loss_weights=None, ld_alpha=None, use_weighting=False, chunk_size=DEFAULT_CHUNK_SIZE, **options):
     """Weighted preference loss of one batch in the batch layout -> (loss scalar, metrics dict of floats).
 
-    One forward of the policy over all 2B rows. ref_*_logps [B]: the reference's summed answer log-probs
-    (sequence_logps under no_grad, with the same ld_alpha), or None for a reference-free loss.
-    loss_type: a name of LOSS_TYPES or a list of them, combined as sum_k loss_weights[k] * loss_k (TRL's
-    loss_type list). ld_alpha: LD-DPO's weight of the answer tokens beyond the shorter answer's length.
-    use_weighting: WPO's per-pair factor w(y+) w(y-) (Zhou et al. 2024, Eq. 2; no gradient through it).
-    batch["weight"] [B]: the CW-PO weights, combined by weighted_mean(..., normalize). Other keyword options go to
-    preference_loss. aot / aot_unpaired sort pairs against each other, so they take no per-pair weights.
+    One forward of the policy over all 2B rows. ref_*_logps [B]: the reference's summed answer log-probs (from
+    sequence_logps under no_grad, with the same ld_alpha), or None for a reference-free loss. loss_type: a name of
+    LOSS_TYPES or a list of them, combined as sum_k loss_weights[k] * loss_k (TRL's loss_type list).
+    ld_alpha: LD-DPO's weight of the answer tokens beyond the shorter answer's length. use_weighting: WPO's per-pair
+    factor w(y+) w(y-) (Zhou et al. 2024, Eq. 2; no gradient through it). batch["weight"] [B]: the CW-PO weights,
+    combined by weighted_mean(..., normalize). Other keyword options go to preference_loss. aot / aot_unpaired sort
+    pairs against each other, so they take no per-pair weights.
     """
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     loss_weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)

@@ -26,7 +26,7 @@ import data
 import train_policy
 import train_weak
 from model import GPT, atomic_write, config_from_hf, generate, load_model, load_tokenizer, save_model
-from tools.figures import write_figures
+from tools.figures import results_markdown, write_figures
 
 def generate_answers(model, tok, prompts, max_new_tokens=64, temperature=0.0, seed=0, batch_size=256):
     """Decoded answers of `model` to each prompt (greedy by default), with model.py's KV cache."""
@@ -199,20 +199,6 @@ def summarize(seeds, methods):
                       "gra_greedy": float(np.mean([s["methods"][name]["gra_greedy"] for s in seeds]))}
     return rows
 
-def table(run, args):
-    ann = {k: np.mean([s["annotator_vs_gold"][k] for s in run["seeds"]]) for k in ("accuracy", "accuracy_top30", "ece")}
-    lines = [f"### {run['labeled_fraction']:.0%} labeled, {args.pairs} pairs, {len(run['seeds'])} seeds", "",
-             f"| method | GRA % [95 % CI] | minus {REFERENCE} [95 % CI] | verdict | greedy GRA % | per seed |",
-             "|---|---|---|---|---|---|"]
-    for name, r in run["summary"].items():
-        diff = "" if name == REFERENCE else f"{r['diff']:+.1f} [{r['diff_lo']:+.1f}, {r['diff_hi']:+.1f}]"
-        lines.append(f"| {name} | {r['gra']:.1f} [{r['lo']:.1f}, {r['hi']:.1f}] | {diff} | {r['verdict']} | "
-                     f"{r['gra_greedy']:.1f} | {' / '.join(f'{g:.1f}' for g in r['per_seed'])} |")
-    lines += ["", f"Annotator vs gold on the unlabeled pairs: accuracy {ann['accuracy']:.3f}, its 30 % most "
-              f"confident {ann['accuracy_top30']:.3f}, ECE {ann['ece']:.3f}. World checks (no CW-PO method):"]
-    return "\n".join(lines + [f"- {'PASS' if c['passed'] else 'FAIL'}: {c['check']} ({c['value']:.3f})"
-                              for c in run["checks"]])
-
 def experiment(args):
     t0, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
@@ -232,10 +218,7 @@ def experiment(args):
         results["runs"].append({"labeled_fraction": fraction, "seeds": seeds, "summary": summarize(seeds, methods),
                                 "checks": world_checks(seeds)})
     results["seconds"] = time.time() - t0
-    text = f"GRA: % of {args.eval_prompts} held-out prompts where the policy's mean gold reward over {args.samples} " \
-           f"sampled answers beats the SFT model's (greedy GRA: one greedy answer each); mean over seeds with its " \
-           f"95 % t-interval; differences paired by seed. Run time {results['seconds'] / 60:.1f} min.\n\n"
-    text += "\n\n".join(table(run, args) for run in results["runs"])
+    text = results_markdown(results, REFERENCE)
     print("\n" + text)
     atomic_write(os.path.join(args.out, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(text + "\n"))
     atomic_write(os.path.join(args.out, "results.json"), lambda tmp: pathlib.Path(tmp).write_text(

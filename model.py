@@ -50,12 +50,8 @@ class Config:
     hf: dict = field(default_factory=dict, repr=False)  # the config.json it came from, written back on save
 
     @property
-    def rope(self):
+    def rope(self):  # Llama and Qwen2: RoPE and RMSNorm; GPT-2 and OPT: learned positions and LayerNorm
         return self.model_type in ("llama", "qwen2")
-
-    @property
-    def layernorm(self):
-        return self.model_type in ("gpt2", "opt")
 
 def config_from_hf(hf):
     """Config from a config.json dict, in both layouts: older (rope_theta, torch_dtype) and transformers 5
@@ -108,7 +104,7 @@ class RMSNorm(nn.Module):
 
 def make_norm(cfg):
     """LayerNorm with bias (GPT-2, OPT) or RMSNorm (Llama, Qwen2)."""
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.layernorm else RMSNorm(cfg.d_model, cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.rope else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 def rotate(x, cos, sin):
     """Rotate-half RoPE; x [B, H, T, hd], cos / sin [B, 1, T, hd]."""
@@ -340,10 +336,9 @@ def read_json(path):
 def load_model(path, dtype=None, device="cpu", reward=False):
     """Load a local HF checkpoint folder as a GPT (or, with reward=True, a RewardModel).
 
-    dtype None keeps the checkpoint's own dtype (config.json's dtype / torch_dtype). A missing,
-    unexpected or wrongly shaped tensor raises an error naming the tensor and the file.
-    With reward=True the scalar head comes from `score.weight` when the checkpoint has one
-    (a saved reward model), else it is freshly initialized (a pretrained LM becomes an annotator).
+    dtype None keeps the checkpoint's own dtype (config.json's dtype / torch_dtype). A missing, unexpected or
+    wrongly shaped tensor raises an error naming the tensor and the file. With reward=True the scalar head comes
+    from `score.weight` when the checkpoint has one, else it is fresh (a pretrained LM becomes an annotator).
     """
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
@@ -365,8 +360,7 @@ def load_model(path, dtype=None, device="cpu", reward=False):
         parts = []
         for name in theirs:
             if name not in where:
-                full_name = PREFIXES[cfg.model_type] + name
-                raise KeyError(f"{path}: checkpoint lacks tensor {full_name!r} (needed for {ours})")
+                raise KeyError(f"{path}: checkpoint lacks tensor {PREFIXES[cfg.model_type] + name!r} (for {ours})")
             with safe_open(where[name][0], "pt") as f:
                 parts.append(f.get_tensor(where[name][1]))
         tensor = torch.cat([p.t() if transposed else p for p in parts])
@@ -428,11 +422,8 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 def load_tokenizer(path):
-    """A tokenizers.Tokenizer from tokenizer.json, or from vocab.json + merges.txt (GPT-2/OPT folders).
-
-    The special ids the checkpoint declares are attached as tok.bos_id, tok.eos_id, tok.pad_id
-    (tokenizer_config.json first, then config.json; pad falls back to eos).
-    """
+    """A tokenizers.Tokenizer from tokenizer.json, or from vocab.json + merges.txt (GPT-2/OPT folders), with the
+    special ids the checkpoint declares as tok.bos_id, tok.eos_id, tok.pad_id (pad falls back to eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         try:
@@ -466,12 +457,9 @@ def load_tokenizer(path):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=1.0, generator=None):
-    """Batched generation with a preallocated KV cache (gpt-fast style).
-
-    prompts: list of token-id lists, left-padded here into one batch. Greedy when temperature is 0,
-    else temperature / top-p (nucleus) sampling with `generator`. A row stops at eos_id.
-    Returns the new tokens of each row, the EOS excluded.
-    """
+    """Batched generation with a preallocated KV cache (gpt-fast style). prompts: token-id lists, left-padded here
+    into one batch. Greedy when temperature is 0, else temperature / top-p (nucleus) sampling with `generator`.
+    A row stops at eos_id. Returns the new tokens of each row, the EOS excluded."""
     cfg, device = model.config, next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)

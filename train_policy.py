@@ -4,8 +4,8 @@
     python train_policy.py --model opt-125m --data hh.jsonl.gz --sft --out runs/sft
     torchrun --nproc-per-node 8 train_policy.py ...     # data parallel (torch.distributed), same global batch
 
-Reference log-probs are computed once, before training, with the starting weights: no second model
-is kept in memory. --save-every N writes OUT/checkpoint-STEP atomically; --resume continues from the newest.
+Reference log-probs are computed once, before training, with the starting weights: no second model is kept in
+memory. --save-every N writes OUT/checkpoint-STEP atomically; --resume continues from the newest.
 """
 import argparse
 import json

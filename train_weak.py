@@ -3,10 +3,9 @@ Bradley-Terry loss on the labeled part, then used to label the unlabeled pairs w
 
     python train_weak.py --model opt-125m --data hh-rlhf/harmless-base/train.jsonl.gz --out runs/weak
 
-writes OUT/ (the annotator, a reward checkpoint), and, beside it, OUT/splits/{labeled,human_pool,heldout}.jsonl
-(the human-labeled pairs of each part), OUT/weak_labels.jsonl (the unlabeled pairs, or those of --unlabeled, as
-the annotator ranks them, with both scores and the confidence) and OUT/report.json (accuracy and calibration on
-held-out human labels; on the unlabeled pairs' hidden human labels when --eval-size is 0).
+writes OUT/ (the annotator), OUT/splits/{labeled,human_pool,heldout}.jsonl, OUT/weak_labels.jsonl (the unlabeled
+pairs, or those of --unlabeled, as the annotator ranks them, with scores and confidence) and OUT/report.json
+(accuracy and calibration on held-out human labels, or on the unlabeled pairs' when --eval-size is 0).
 """
 import argparse
 import json

@@ -1,9 +1,9 @@
-"""SVG figures from the built-in experiment's results.json, written by hand (the project uses no plotting package).
+"""The built-in experiment's tables and SVG figures, from its results.json (SVG by hand: no plotting package).
 
     python tools/figures.py runs/experiment/results.json figures/
 
 reliability_svg: the annotator's reliability diagram (accuracy per confidence bin beside the bin's mean BT
-probability, with the pair count per bin); gra_svg: GRA per method with its 95 % interval.
+probability, with the pair count per bin); gra_svg: GRA per method with its 95 % interval; results_markdown.
 """
 import json
 import os
@@ -79,6 +79,30 @@ def pooled_bins(bin_lists):
     for m in merged.values():
         m["mean_p"], m["accuracy"] = m["mean_p"] / m["pairs"], m["accuracy"] / m["pairs"]
     return [merged[k] for k in sorted(merged)]
+
+
+def results_markdown(results, reference):
+    """The experiment's tables as markdown: per labeled fraction, each method's GRA with its interval, the paired
+    difference to `reference` and its verdict, then the annotator's accuracy and the world checks."""
+    args, parts = results["args"], []
+    head = (f"GRA: % of {args['eval_prompts']} held-out prompts where the policy's mean gold reward over "
+            f"{args['samples']} sampled answers beats the SFT model's (greedy GRA: one greedy answer each); mean over "
+            f"seeds with its 95 % t-interval; differences paired by seed. Run time {results['seconds'] / 60:.1f} min.")
+    for run in results["runs"]:
+        ann = {k: sum(s["annotator_vs_gold"][k] for s in run["seeds"]) / len(run["seeds"])
+               for k in ("accuracy", "accuracy_top30", "ece")}
+        lines = [f"### {run['labeled_fraction']:.0%} labeled, {args['pairs']} pairs, {len(run['seeds'])} seeds", "",
+                 f"| method | GRA % [95 % CI] | minus {reference} [95 % CI] | verdict | greedy GRA % | per seed |",
+                 "|---|---|---|---|---|---|"]
+        for name, r in run["summary"].items():
+            diff = "" if name == reference else f"{r['diff']:+.1f} [{r['diff_lo']:+.1f}, {r['diff_hi']:+.1f}]"
+            lines.append(f"| {name} | {r['gra']:.1f} [{r['lo']:.1f}, {r['hi']:.1f}] | {diff} | {r['verdict']} | "
+                         f"{r['gra_greedy']:.1f} | {' / '.join(f'{g:.1f}' for g in r['per_seed'])} |")
+        lines += ["", f"Annotator vs gold on the unlabeled pairs: accuracy {ann['accuracy']:.3f}, its 30 % most "
+                  f"confident {ann['accuracy_top30']:.3f}, ECE {ann['ece']:.3f}. World checks (no CW-PO method):"]
+        parts.append("\n".join(lines + [f"- {'PASS' if c['passed'] else 'FAIL'}: {c['check']} ({c['value']:.3f})"
+                                        for c in run["checks"]]))
+    return "\n\n".join([head] + parts)
 
 
 def write_figures(results, out_dir):
