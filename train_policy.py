@@ -129,7 +129,7 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
     os.makedirs(args.out, exist_ok=True)
     for leftover in (n for n in os.listdir(args.out) if n.startswith("checkpoint-") and n.endswith(".tmp")):
         shutil.rmtree(os.path.join(args.out, leftover))  # a checkpoint that a kill interrupted
-    model.grad_checkpointing = args.grad_checkpointing
+    getattr(model, "body", model).grad_checkpointing = args.grad_checkpointing  # a RewardModel's decoder is .body
     # fused: one kernel over all parameters, no per-tensor temporaries (about 5x faster than foreach on CPU)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95),
                                   fused=True)

@@ -67,3 +67,16 @@ def test_annotator_learns_an_easy_preference_and_writes_its_files(tiny_world, tm
     splits = {name: sum(1 for _ in open(out / "splits" / f"{name}.jsonl")) for name in ("labeled", "human_pool", "heldout")}
     assert splits == {"labeled": 25, "human_pool": 50, "heldout": 10}
     assert os.path.exists(out / "model.safetensors") and not any(f.endswith(".tmp") for f in os.listdir(out))
+
+
+def test_gradient_checkpointing_reaches_the_annotators_decoder(tiny_world, tmp_path, monkeypatch):
+    # bug: train() set the flag on the RewardModel, whose decoder (.body) never saw it: no memory saved at 135M
+    import torch.utils.checkpoint
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pairs = [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " Sure!", "rejected": " Ugh."}] * 4
+    args = train_weak.parser().parse_args(["--model", tiny_world["model"], "--data", "-", "--out", str(tmp_path),
+                                           "--max-steps", "1", "--batch-size", "4"])
+    train_weak.train_annotator(pairs, args, torch.device("cpu"), log=lambda *a: None)
+    assert len(calls) == 2  # one per layer of the tiny model
