@@ -1,4 +1,4 @@
-"""train_weak.py: the annotator learns, its labels and confidences follow PAPER.md step 2, its report is the naive one."""
+"""train_weak.py: the annotator learns, its labels and confidences follow the paper's confidence, its report is the naive one."""
 import json
 import math
 import os
