@@ -99,7 +99,7 @@ def train(model, tok, pairs, start, out, device, log, **options):
     examples = train_policy.encode_examples(tok, pairs, args)
     if args.objective == "preference":
         train_policy.add_reference_logps(model, examples, tok.pad_id, 256, device)
-    objective = train_policy.sft_objective if args.objective == "sft" else train_policy.preference_objective
+    objective = train_policy.OBJECTIVES[args.objective]
     return train_policy.train(model, examples, tok.pad_id, args, objective, device=device, log=log), args
 
 def pretrain(path, tok, pairs, size, device, log):

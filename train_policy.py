@@ -85,6 +85,8 @@ def preference_objective(model, batch, micro, args):
     return cwpo.batch_loss(model, batch, ref_chosen, ref_rejected, loss_type=args.loss, beta=args.beta,
                            normalize="sum", **args.loss_options)
 
+OBJECTIVES = {"sft": sft_objective, "preference": preference_objective}  # train_weak.py has "bt"
+
 def checkpoints(out):
     """Complete checkpoint folders OUT/checkpoint-STEP, oldest first."""
     names = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()]
@@ -225,12 +227,11 @@ def main(args):
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{len(examples)} examples from {args.data}; model {args.model} ({n_params:.1f}M params) on {device}")
-    objective = sft_objective if args.objective == "sft" else preference_objective
     if args.objective == "preference":
         micro_size = max(1, args.batch_size // (world_size * args.grad_accum))  # what fits for training fits here
         ld_alpha = args.loss_options.get("ld_alpha")
         add_reference_logps(model, examples, tok.pad_id, micro_size, device, ld_alpha, args.bf16)
-    train(model, examples, tok.pad_id, args, objective, rank, world_size, device)
+    train(model, examples, tok.pad_id, args, OBJECTIVES[args.objective], rank, world_size, device)
     if rank == 0:
         save_model(model, args.out)
         for name in TOKENIZER_FILES:  # the policy folder is a complete checkpoint
