@@ -7,7 +7,8 @@ import torch
 import transformers as T
 from safetensors.torch import load_file, save_file
 
-from model import LORA_MODULES, PREFIXES, LoRALinear, apply_lora, generate, hf_names, load_model, load_tokenizer, merge_lora, save_model
+from model import (LORA_MODULES, PREFIXES, LoRALinear, apply_lora, generate, hf_names, load_model, load_tokenizer,
+                   merge_lora, save_model)
 
 V = 97
 SPECIAL = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -321,12 +322,13 @@ def test_merged_lora_loads_in_transformers_and_changes_only_its_modules_by_rank_
     back = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), attn_implementation="eager").eval()
     with torch.no_grad():  # bug: (alpha / r) B A merged into the wrong rows of the fused q|k|v, or scaled by alpha
         torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=0, atol=1e-5)
-    before, after = load_file(os.path.join(path, "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
+    before = load_file(os.path.join(path, "model.safetensors"))
+    after = load_file(str(tmp_path / "merged" / "model.safetensors"))
     cfg, prefix = model.config, PREFIXES[model.config.model_type]
     named = {prefix + n for i in range(cfg.n_layer) for m in modules if m != "gate" or cfg.rope
              for n in hf_names(cfg, f"h.{i}.{LORA_MODULES[m]}.weight")[0]}
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == named, (name, changed ^ named)  # bug: a module outside --lora-modules changed, or one named did not
+    assert changed == named, (name, changed ^ named)  # bug: a module outside the named ones changed, or a named one not
     for k in changed:  # singular values past the r-th: fp32 rounding of W + delta only
         singular = torch.linalg.svdvals((after[k] - before[k]).double())
         assert singular[rank] < 1e-4 * singular[0], (k, singular[:rank + 1])
