@@ -179,11 +179,13 @@ class GPT(nn.Module):
         self.grad_checkpointing = False
 
     def init_weights(self, std=0.02):
-        """For training from scratch: N(0, std) weights and zero biases, like HF's initializer_range."""
+        """For training from scratch (also after to_empty): N(0, std) weights, zero biases, unit norms, like HF's."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
-            if isinstance(m, nn.Linear) and m.bias is not None:
+            if isinstance(m, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
         return self
 
