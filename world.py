@@ -223,8 +223,10 @@ def run_seed(seed, world, args, fraction, methods, device, log, progress):
         human.append(p if keep else dict(p, chosen=p["rejected"], rejected=p["chosen"], gold_margin=-p["gold_margin"]))
     labeled, unlabeled, _ = data.split_pairs(human, fraction, 0, seed)
     out = os.path.join(args.out, f"seed{seed}")
-    (rm, tok), wargs = train(None, world.tok, labeled, world.weak_path, out + "/weak", device, log, objective="bt",
-                             lr=ANNOTATOR_LR, epochs=ANNOTATOR_EPOCHS, seed=seed)
+    with torch.random.fork_rng(devices=[]):  # the fresh scalar head from the seed, not from what ran before
+        torch.manual_seed(seed)
+        (rm, tok), wargs = train(None, world.tok, labeled, world.weak_path, out + "/weak", device, log,
+                                 objective="bt", lr=ANNOTATOR_LR, epochs=ANNOTATOR_EPOCHS, seed=seed)
     weak = train_weak.weak_labels(unlabeled, *train_weak.score_pairs(rm, tok, unlabeled, wargs, device))
     # the annotator is right when it agrees with the gold ranking (gold ties left out)
     ranked = [(w["confidence"], int((u["gold_margin"] > 0) == bool(w["human_agrees"])))
