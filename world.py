@@ -115,15 +115,17 @@ def human_label(gold_a, gold_b, temperature, rng):
 def words(answer):
     return len(str(answer).split())
 
-def human_bias(gold_gaps, word_gaps, agreement=0.70):
+def human_bias(gold_gaps, length_gaps, agreement=0.70):
     """The length bias b at which humans who prefer the answer with the higher gold reward + b * (its length in
-    words) agree with the gold ranking at the given rate on pairs with these gaps (gold ties left out, a biased tie
-    counts half): solved by bisection (each pair's agreement can only fall as b grows)."""
-    gold, word = np.asarray(gold_gaps, dtype=float), np.asarray(word_gaps, dtype=float)
-    gold, word, lo, hi = gold[gold != 0], word[gold != 0], 0.0, 100.0
+    characters) agree with the gold ranking at the given rate on pairs with these gaps (gold ties left out, a biased
+    tie counts half): solved by bisection (each pair's agreement can only fall as b grows). Characters, not words:
+    gold gaps are multiples of 0.5, so word gaps would make the agreement jump in steps of several points."""
+    gold, length = np.asarray(gold_gaps, dtype=float), np.asarray(length_gaps, dtype=float)
+    gold, length, lo, hi = gold[gold != 0], length[gold != 0], 0.0, 10.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if np.mean(1 + np.sign(gold + mid * word) * np.sign(gold)) / 2 > agreement else (lo, mid)
+        agree = np.mean(1 + np.sign(gold + mid * length) * np.sign(gold)) / 2
+        lo, hi = (mid, hi) if agree > agreement else (lo, mid)
     return mid
 
 def swapped(pair):
@@ -132,11 +134,11 @@ def swapped(pair):
 def human_labels(pairs, noise, strength, rng):
     """The pairs as noisy humans order them (each kept or swapped). noise "random": Bradley-Terry on the gold gap at
     temperature `strength` (human_label); "systematic": no chance at all, the humans prefer the answer with the
-    higher gold reward + strength * (its length in words), so every error favours the longer answer."""
+    higher gold reward + strength * (its length in characters), so every error favours the longer answer."""
     def keep(p):
         if noise == "random":
             return human_label(p["gold_margin"], 0.0, strength, rng)
-        biased = p["gold_margin"] + strength * (words(p["chosen"]) - words(p["rejected"]))
+        biased = p["gold_margin"] + strength * (len(p["chosen"]) - len(p["rejected"]))
         return biased > 0 or (biased == 0 and rng.random() < 0.5)
     return [p if keep(p) else swapped(p) for p in pairs]
 
@@ -291,7 +293,7 @@ def with_humans(world, noise, args, device, log):
     """The world with humans of this noise, tuned to HUMAN_AGREEMENT, and its learned judge trained on their labels."""
     gaps = [p["gold_margin"] for p in world.pool]
     strength = human_temperature(gaps, HUMAN_AGREEMENT) if noise == "random" else human_bias(
-        gaps, [words(p["chosen"]) - words(p["rejected"]) for p in world.pool], HUMAN_AGREEMENT)
+        gaps, [len(p["chosen"]) - len(p["rejected"]) for p in world.pool], HUMAN_AGREEMENT)
     world = world._replace(noise=noise, human_strength=strength)
     judge, report = train_judge(world, args, device, log)
     gold_ranked = [p if p["gold_margin"] > 0 else swapped(p) for p in world.pool if p["gold_margin"]]
