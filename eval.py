@@ -56,6 +56,7 @@ if __name__ == "__main__":
     p.add_argument("--out", default="runs/experiment", help="built-in experiment: output folder")
     p.add_argument("--quick", action="store_true", help="built-in experiment, smaller (about 2 minutes)")
     p.add_argument("--sweep", action="store_true", help="CW-DPO against DPO at 10 / 20 / 30 % labels")
+    p.add_argument("--study", action="store_true", help="random and systematic (length-biased) human noise")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--pairs", type=int, default=2000, help="preference pairs (two answers to one prompt)")
     p.add_argument("--eval-prompts", type=int, default=300)

@@ -112,6 +112,42 @@ def human_label(gold_a, gold_b, temperature, rng):
         return gold_a > gold_b or (gold_a == gold_b and rng.random() < 0.5)
     return rng.random() < 0.5 * (1.0 + math.tanh((gold_a - gold_b) / (2.0 * temperature)))
 
+def words(answer):
+    return len(str(answer).split())
+
+def human_bias(gold_gaps, length_gaps, agreement=0.70):
+    """The length bias b at which humans who prefer the answer with the higher gold reward + b * (its length in
+    characters) agree with the gold ranking at the given rate on pairs with these gaps (gold ties left out, a biased
+    tie counts half): solved by bisection (each pair's agreement can only fall as b grows). Characters, not words:
+    gold gaps are multiples of 0.5, so word gaps would make the agreement jump in steps of several points."""
+    gold, length = np.asarray(gold_gaps, dtype=float), np.asarray(length_gaps, dtype=float)
+    gold, length, lo, hi = gold[gold != 0], length[gold != 0], 0.0, 10.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        agree = np.mean(1 + np.sign(gold + mid * length) * np.sign(gold)) / 2
+        lo, hi = (mid, hi) if agree > agreement else (lo, mid)
+    return mid
+
+def swapped(pair):
+    return dict(pair, chosen=pair["rejected"], rejected=pair["chosen"], gold_margin=-pair["gold_margin"])
+
+def human_labels(pairs, noise, strength, rng):
+    """The pairs as noisy humans order them (each kept or swapped). noise "random": Bradley-Terry on the gold gap at
+    temperature `strength` (human_label); "systematic": no chance at all, the humans prefer the answer with the
+    higher gold reward + strength * (its length in characters), so every error favours the longer answer."""
+    def keep(p):
+        if noise == "random":
+            return human_label(p["gold_margin"], 0.0, strength, rng)
+        biased = p["gold_margin"] + strength * (len(p["chosen"]) - len(p["rejected"]))
+        return biased > 0 or (biased == 0 and rng.random() < 0.5)
+    return [p if keep(p) else swapped(p) for p in pairs]
+
+def shorter_share(pairs):
+    """A labeler's length preference: the share of its ordered pairs, among those whose answers differ in length
+    (in words), where "chosen" is the shorter answer."""
+    gaps = [words(p["chosen"]) - words(p["rejected"]) for p in pairs]
+    return float(np.mean([gap < 0 for gap in gaps if gap]))
+
 # ----------------------------------------------------------------------------- tokenizer
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
@@ -147,6 +183,10 @@ METHODS = {  # name: (training pairs, train_policy options): 100 % human labels,
     "CW-rDPO": ("weak", {"weighting": "confidence", "loss": "robust", "loss_options": RDPO}),
 }
 SWEEP = (REFERENCE, "DPO, labeled part only", "CW-DPO")
+NOISES = ("random", "systematic")  # --study: both kinds of human noise; otherwise random
+JUDGE_POOL, JUDGE_LR = 5, 1e-3  # the learned judge: BT on 5 x --pairs pairs of its own, 1 epoch at this lr
+CLAIMS = {"CW-DPO minus DPO, human 100 %": ("CW-DPO", REFERENCE),  # the paper's central claim, and weighting
+          "CW-DPO minus WS-DPO": ("CW-DPO", "WS-DPO (weak labels, weight 1)")}
 POLICY_SIZE, WEAK_SIZE = (3, 96), (2, 64)  # (layers, width) of the strong policy and of the weak annotator
 VOCAB_SIZE, PRETRAIN_EPOCHS = 400, 4  # byte-level BPE trained on the world's text; epochs over that text
 ANNOTATOR_LR, ANNOTATOR_EPOCHS = 1e-3, 2  # its Bradley-Terry training on the labeled part
@@ -159,8 +199,10 @@ class World(NamedTuple):
     weak_path: str
     pool: list  # {"prompt", "chosen", "rejected", "gold_margin"}: the pairs in drawn order, before any label
     held_out: list  # prompts
-    sft_rewards: dict  # "sampled": the SFT model's mean gold reward over samples, per prompt; "greedy": of its answer
-    human_temperature: float
+    sft_answers: dict  # the SFT model's answers to held_out (policy_answers)
+    noise: str = "random"  # the humans' (NOISES)
+    human_strength: float = 0.0  # their BT temperature (random) or length bias (systematic), from HUMAN_AGREEMENT
+    judge: tuple = None  # the learned gold judge and the flags it scores with (train_judge)
 
 def train(model, tok, pairs, start, out, device, log, **options):
     """The one place that trains through train_policy (SFT, BT or preference): its flags, then `options`."""
@@ -190,13 +232,46 @@ def pretrain(path, tok, pairs, size, device, log):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (pathlib.Path(path) / name).write_text((pathlib.Path(path).parent / "tokenizer" / name).read_text())
 
-def gold_rewards(model, tok, prompts, samples):
-    """Gold rewards of the greedy answer [P] and the mean over `samples` answers sampled at temperature 1 [P]."""
+def policy_answers(model, tok, prompts, samples):
+    """The greedy answer to each prompt [P] and `samples` answers sampled at temperature 1 [P * samples]."""
     ids = [data.encode_prompt(tok, p, 256) for p in prompts]
-    greedy = [gold_reward(p, a) for p, a in zip(prompts, generate_answers(model, tok, ids))]
-    answers = generate_answers(model, tok, [i for i in ids for _ in range(samples)], temperature=1.0, seed=1)
-    sampled = [gold_reward(p, a) for p, a in zip(np.repeat(prompts, samples), answers)]
-    return {"greedy": greedy, "sampled": np.reshape(sampled, (-1, samples)).mean(1)}
+    return {"greedy": generate_answers(model, tok, ids),
+            "sampled": generate_answers(model, tok, [i for i in ids for _ in range(samples)], temperature=1.0, seed=1)}
+
+def mean_gold(prompts, answers):
+    """The program's mean gold reward per prompt [P] of answers [P * S] (each prompt's S answers in a row)."""
+    samples = len(answers) // len(prompts)
+    rewards = [gold_reward(p, a) for p, a in zip(np.repeat(prompts, samples), answers)]
+    return np.reshape(rewards, (len(prompts), samples)).mean(1)
+
+def judged_gra(judge, tok, prompts, answers, sft_answers, args, device, seed=0):
+    """GRA under a learned judge: its score of each answer [P * S] (each prompt's S answers in a row), averaged per
+    prompt, the policy's against the SFT model's (cwpo.win_rate). Scored as pairs (policy, SFT) in one batched pass."""
+    samples = len(answers) // len(prompts)
+    pairs = [{"prompt": p, "chosen": a, "rejected": b}
+             for p, a, b in zip(np.repeat(prompts, samples), answers, sft_answers)]
+    scores = train_weak.score_pairs(judge, tok, pairs, args, device, log=lambda _: None)
+    return win_rate(*(s.view(len(prompts), samples).mean(1).numpy() for s in scores), seed=seed)
+
+def train_judge(world, args, device, log):
+    """The paper's kind of gold judge: a reward model of the policy's size (from the SFT model), trained once per
+    world with BT on JUDGE_POOL x --pairs pairs of its own (prompts and answers drawn apart from the experiment's),
+    labeled as the world's humans label. -> ((model, flags it scores with), report on the experiment's pool)."""
+    rng = random.Random(3)
+    prompts = world_prompts(JUDGE_POOL * args.pairs, seed=3)
+    pairs = [{"prompt": p, "chosen": a, "rejected": b, "gold_margin": gold_reward(p, a) - gold_reward(p, b)}
+             for p, a, b in ((p, world_answer(p, rng), world_answer(p, rng)) for p in prompts)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        (judge, _), jargs = train(None, world.tok, human_labels(pairs, world.noise, world.human_strength, rng),
+                                  world.sft_path, os.path.join(args.out, f"judge-{world.noise}"), device, log,
+                                  objective="bt", lr=JUDGE_LR, epochs=1)
+    vars(jargs).update(max_answer_len=64, batch_size=256)  # it scores whole generated answers (64 new tokens)
+    first, second = train_weak.score_pairs(judge, world.tok, world.pool, jargs, device, log=lambda _: None)
+    ranked = [p if a > b else swapped(p) for p, a, b in zip(world.pool, first.tolist(), second.tolist())]
+    report = {"vs_gold": float(np.mean([p["gold_margin"] > 0 for p in ranked if p["gold_margin"]])),
+              "shorter": shorter_share(ranked), "pairs": len(pairs)}
+    return (judge, jargs), report
 
 def build_world(args, device, log):
     """Tokenizer, SFT policy and weak base model pretrained on the world's answers; the pair pool; held-out prompts."""
@@ -211,37 +286,53 @@ def build_world(args, device, log):
     answers = [(world_answer(p, rng), world_answer(p, rng)) for p in prompts[:args.pairs]]
     pool = [{"prompt": p, "chosen": a, "rejected": b, "gold_margin": gold_reward(p, a) - gold_reward(p, b)}
             for p, (a, b) in zip(prompts, answers)]
-    temperature = human_temperature([p["gold_margin"] for p in pool], HUMAN_AGREEMENT)
-    sft_rewards = gold_rewards(load_model(sft_path, device=device), tok, prompts[args.pairs:], args.samples)
-    return World(tok, sft_path, weak_path, pool, prompts[args.pairs:], sft_rewards, temperature)
+    sft_answers = policy_answers(load_model(sft_path, device=device), tok, prompts[args.pairs:], args.samples)
+    return World(tok, sft_path, weak_path, pool, prompts[args.pairs:], sft_answers)
+
+def with_humans(world, noise, args, device, log):
+    """The world with humans of this noise, tuned to HUMAN_AGREEMENT, and its learned judge trained on their labels."""
+    gaps = [p["gold_margin"] for p in world.pool]
+    strength = human_temperature(gaps, HUMAN_AGREEMENT) if noise == "random" else human_bias(
+        gaps, [len(p["chosen"]) - len(p["rejected"]) for p in world.pool], HUMAN_AGREEMENT)
+    world = world._replace(noise=noise, human_strength=strength)
+    judge, report = train_judge(world, args, device, log)
+    gold_ranked = [p if p["gold_margin"] > 0 else swapped(p) for p in world.pool if p["gold_margin"]]
+    report.update(gold_shorter=shorter_share(gold_ranked), sft_words=float(np.mean(
+        [words(a) for a in world.sft_answers["sampled"]])), human_strength=strength)
+    log(f"{noise} humans: strength {strength:.3f}; learned judge vs gold {report['vs_gold']:.3f}")
+    return world._replace(judge=judge), report
 
 def run_seed(seed, world, args, fraction, methods, device, log, progress):
     """One seed: human labels, the split, the annotator and its weak labels, then each method -> results."""
-    rng, human = random.Random(seed), []
-    for p in world.pool:  # a noisy human keeps or swaps the drawn order
-        keep = human_label(p["gold_margin"], 0.0, world.human_temperature, rng)
-        human.append(p if keep else dict(p, chosen=p["rejected"], rejected=p["chosen"], gold_margin=-p["gold_margin"]))
+    human = human_labels(world.pool, world.noise, world.human_strength, random.Random(seed))
     labeled, unlabeled, _ = data.split_pairs(human, fraction, 0, seed)
     out = os.path.join(args.out, f"seed{seed}")
-    (rm, tok), wargs = train(None, world.tok, labeled, world.weak_path, out + "/weak", device, log, objective="bt",
-                             lr=ANNOTATOR_LR, epochs=ANNOTATOR_EPOCHS, seed=seed)
+    with torch.random.fork_rng(devices=[]):  # the fresh scalar head from the seed, not from what ran before
+        torch.manual_seed(seed)
+        (rm, tok), wargs = train(None, world.tok, labeled, world.weak_path, out + "/weak", device, log,
+                                 objective="bt", lr=ANNOTATOR_LR, epochs=ANNOTATOR_EPOCHS, seed=seed)
     weak = train_weak.weak_labels(unlabeled, *train_weak.score_pairs(rm, tok, unlabeled, wargs, device))
     # the annotator is right when it agrees with the gold ranking (gold ties left out)
     ranked = [(w["confidence"], int((u["gold_margin"] > 0) == bool(w["human_agrees"])))
               for u, w in zip(unlabeled, weak) if u["gold_margin"]]
     result = {"annotator_vs_gold": train_weak.annotator_report(*zip(*ranked)), "methods": {},
-              "human_vs_gold": float(np.mean([h["gold_margin"] > 0 for h in human if h["gold_margin"]]))}
-    progress(seed)
-    sets = {"human_pool": labeled + unlabeled, "labeled": labeled, "weak": weak}
+              "human_vs_gold": float(np.mean([h["gold_margin"] > 0 for h in human if h["gold_margin"]])),
+              "shorter": {"annotator": shorter_share(weak), "humans": shorter_share(human)}}
+    progress(seed, f"{world.noise} humans | annotator trained")
+    sets, (judge, judge_args) = {"human_pool": labeled + unlabeled, "labeled": labeled, "weak": weak}, world.judge
     for name in methods:
         (subset, options), policy = METHODS[name], load_model(world.sft_path, device=device)
         train(policy, tok, sets[subset], world.sft_path, out + "/policy", device, log, lr=args.lr, beta=args.beta,
               epochs=args.epochs, seed=seed, **options)
-        rewards = gold_rewards(policy, tok, world.held_out, args.samples)
-        result["methods"][name] = dict(win_rate(rewards["sampled"], world.sft_rewards["sampled"], seed=seed),
-                                       gra_greedy=win_rate(rewards["greedy"], world.sft_rewards["greedy"])["gra"],
-                                       mean_reward=float(rewards["sampled"].mean()), pairs=len(sets[subset]))
-        progress(seed, f"{name}: GRA {result['methods'][name]['gra']:.1f} %")
+        answers, sft = policy_answers(policy, tok, world.held_out, args.samples), world.sft_answers
+        gold, greedy = ([mean_gold(world.held_out, a[kind]) for a in (answers, sft)] for kind in ("sampled", "greedy"))
+        judged = judged_gra(judge, tok, world.held_out, answers["sampled"], sft["sampled"], judge_args, device, seed)
+        result["methods"][name] = dict(win_rate(*gold, seed=seed), gra_greedy=win_rate(*greedy)["gra"],
+                                       gra_judge=judged["gra"], mean_reward=float(gold[0].mean()),
+                                       words=float(np.mean([words(a) for a in answers["sampled"]])),
+                                       pairs=len(sets[subset]))
+        progress(seed, f"{world.noise} humans | {name}: GRA {result['methods'][name]['gra']:.1f} %, learned judge "
+                       f"{judged['gra']:.1f} %")
     return result
 
 def interval(values):
@@ -261,37 +352,59 @@ def world_checks(seeds):
               (f"{REFERENCE}: mean GRA >= 65", np.mean(dpo), 65)]
     return [{"check": c, "value": float(v), "passed": bool(v >= least)} for c, v, least in checks]
 
-def summarize(seeds, methods):
-    """Per method: mean GRA with its 95 % t-interval over seeds, and the paired difference to REFERENCE."""
+def paired(seeds, a, b, key="gra"):
+    """Method a minus method b, paired by seed: (mean, lo, hi) of its 95 % t-interval."""
+    diff, half = interval([s["methods"][a][key] - s["methods"][b][key] for s in seeds])
+    return diff, diff - half, diff + half
+
+def summarize(seeds, methods, key="gra"):
+    """Per method: mean GRA (`key`: "gra" under the program, "gra_judge" under the learned judge) with its 95 %
+    t-interval over seeds, and the paired difference to REFERENCE."""
     rows = {}
     for name in methods:
-        gra = [s["methods"][name]["gra"] for s in seeds]
-        (mean, half), (diff, d_half) = interval(gra), interval([g - s["methods"][REFERENCE]["gra"]
-                                                                  for g, s in zip(gra, seeds)])
-        verdict = "better" if diff - d_half > 0 else "worse" if diff + d_half < 0 else "no difference shown"
-        rows[name] = {"gra": mean, "lo": mean - half, "hi": mean + half, "diff": diff, "diff_lo": diff - d_half,
-                      "diff_hi": diff + d_half, "verdict": verdict if name != REFERENCE else "", "per_seed": gra,
-                      "gra_greedy": float(np.mean([s["methods"][name]["gra_greedy"] for s in seeds]))}
+        gra = [s["methods"][name][key] for s in seeds]
+        (mean, half), (diff, lo, hi) = interval(gra), paired(seeds, name, REFERENCE, key)
+        verdict = "better" if lo > 0 else "worse" if hi < 0 else "no difference shown"
+        rows[name] = {"gra": mean, "lo": mean - half, "hi": mean + half, "diff": diff, "diff_lo": lo, "diff_hi": hi,
+                      "verdict": verdict if name != REFERENCE else "", "per_seed": gra,
+                      **{k: float(np.mean([s["methods"][name][k] for s in seeds])) for k in ("gra_greedy", "words")}}
     return rows
+
+def claims(seeds, methods):
+    """The paper's claims of CLAIMS under each judge: the paired difference and "supported" (its interval above 0),
+    "contradicted" (below 0) or "cannot decide"."""
+    out = {}
+    for judge, key in (("program", "gra"), ("learned", "gra_judge")):
+        for claim, (a, b) in CLAIMS.items():
+            if a in methods and b in methods:
+                diff, lo, hi = paired(seeds, a, b, key)
+                verdict = "supported" if lo > 0 else "contradicted" if hi < 0 else "cannot decide"
+                out[f"{claim} ({judge} judge)"] = {"diff": diff, "lo": lo, "hi": hi, "verdict": verdict}
+    return out
 
 def experiment(args):
     t0, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
-    world = build_world(args, device, log)
-    log(f"world: {len(world.pool)} pairs, {len(world.held_out)} prompts, human T {world.human_temperature:.2f}")
+    base = build_world(args, device, log)
+    log(f"world: {len(base.pool)} pairs, {len(base.held_out)} prompts")
     runs = [(f, SWEEP) for f in (0.1, 0.2, 0.3)] if args.sweep else [(args.labeled_fraction, tuple(METHODS))]
-    units, done, t_start = args.seeds * sum(len(m) + 1 for _, m in runs), [0], time.time()
+    noises = NOISES if args.study else NOISES[:1]
+    units, done, t_start = len(noises) * args.seeds * sum(len(m) + 1 for _, m in runs), [0], time.time()
 
-    def progress(seed, what="annotator trained"):
+    def progress(seed, what):
         done[0] += 1
         eta = (time.time() - t_start) / done[0] * (units - done[0])
         log(f"seed {seed + 1} of {args.seeds} | step {done[0]} of {units} | {what} | ETA {eta / 60:.1f} min")
 
     results = {"args": vars(args), "runs": []}
-    for fraction, methods in runs:
-        seeds = [run_seed(seed, world, args, fraction, methods, device, log, progress) for seed in range(args.seeds)]
-        results["runs"].append({"labeled_fraction": fraction, "seeds": seeds, "summary": summarize(seeds, methods),
-                                "checks": world_checks(seeds)})
+    for noise in noises:
+        world, judge = with_humans(base, noise, args, device, log)
+        for fraction, methods in runs:
+            seeds = [run_seed(s, world, args, fraction, methods, device, log, progress) for s in range(args.seeds)]
+            results["runs"].append({"labeled_fraction": fraction, "noise": noise, "judge": judge, "seeds": seeds,
+                                    "summary": summarize(seeds, methods), "checks": world_checks(seeds),
+                                    "summary_judge": summarize(seeds, methods, "gra_judge"),
+                                    "claims": claims(seeds, methods)})
     results["seconds"] = time.time() - t0
     text = results_markdown(results, REFERENCE)
     print("\n" + text)

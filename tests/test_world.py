@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import world
@@ -140,6 +141,65 @@ def test_human_temperature_gives_the_target_agreement_with_gold(target):
     assert abs(agreement - target) < 0.02  # tolerance: 0.02 (sampling s.d. is about 0.005 here)
 
 
+def random_pairs(n, seed):
+    rng = random.Random(seed)
+    return [{"prompt": p, "chosen": a, "rejected": b, "gold_margin": world.gold_reward(p, a) - world.gold_reward(p, b)}
+            for p, a, b in ((p, world.world_answer(p, rng), world.world_answer(p, rng))
+                            for p in world.world_prompts(n, seed=seed))]
+
+
+def test_systematic_humans_agree_at_the_target_and_every_error_favours_the_longer_answer():
+    pairs = random_pairs(2000, seed=6)  # solved on the pairs it labels, as build_world's pool
+    fit = pairs
+    length = len  # in characters
+    bias = world.human_bias([p["gold_margin"] for p in fit],
+                            [length(p["chosen"]) - length(p["rejected"]) for p in fit], 0.70)
+    labeled = world.human_labels(pairs, "systematic", bias, random.Random(0))
+    ranked = [h for h in labeled if h["gold_margin"]]  # gold_margin follows the human's order
+    assert abs(np.mean([h["gold_margin"] > 0 for h in ranked]) - 0.70) < 0.02
+    errors = [h for h in ranked if h["gold_margin"] < 0]
+    assert len(errors) > 300 and all(length(h["chosen"]) > length(h["rejected"]) for h in errors)
+    gold = [p if p["gold_margin"] > 0 else world.swapped(p) for p in pairs if p["gold_margin"]]
+    assert world.shorter_share(labeled) < world.shorter_share(gold) - 0.2  # the bias shows in the labels
+    # random humans at the same agreement: their errors do not follow length
+    temperature = world.human_temperature([p["gold_margin"] for p in fit], 0.70)
+    errors = [h for h in world.human_labels(pairs, "random", temperature, random.Random(0)) if h["gold_margin"] < 0]
+    assert 0.3 < np.mean([length(h["chosen"]) > length(h["rejected"]) for h in errors]) < 0.7
+
+
+class BangCounter(torch.nn.Module):
+    """A stand-in judge whose score is the number of "!" in the text it reads (prompt + answer)."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.tok = tok
+
+    def forward(self, input_ids, attention_mask):
+        return torch.tensor([float(self.tok.decode([i for i, m in zip(row, mask) if m]).count("!"))
+                             for row, mask in zip(input_ids.tolist(), attention_mask.tolist())])
+
+
+def test_judged_gra_averages_each_prompts_samples_before_comparing(tok):
+    prompts = world.world_prompts(3, seed=0)
+    bangs = lambda counts: [" ok" + "!" * k for k in counts]  # noqa: E731
+    policy, sft = bangs([1, 3, 0, 4, 2, 0]), bangs([2, 2, 1, 1, 0, 1])  # 2 samples per prompt, in a row
+    # by hand: means 2 vs 2 (tie, 0.5), 2 vs 1 (win), 1 vs 0.5 (win) -> 2.5 / 3; the first sample alone: 1 / 3
+    args = argparse.Namespace(max_prompt_len=48, max_answer_len=64, batch_size=4, log_every=1)
+    result = world.judged_gra(BangCounter(tok), tok, prompts, policy, sft, args, "cpu")
+    assert result["gra"] == pytest.approx(100 * 2.5 / 3)
+
+
+def test_one_seed_gives_one_annotator_whatever_ran_before(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path), pairs=200, eval_prompts=2, samples=1, sft_examples=200)
+    base = world.build_world(args, torch.device("cpu"), lambda _: None)._replace(judge=(None, None))
+    runs = []
+    for draws in (0, 1000):  # another mode runs other models first: the global generator is elsewhere
+        torch.rand(draws)
+        runs.append(world.run_seed(1, base, args, 0.3, (), torch.device("cpu"), lambda _: None, lambda *_: None))
+    assert runs[0]["annotator_vs_gold"] == runs[1]["annotator_vs_gold"]
+    assert runs[0]["annotator_vs_gold"]["ece"] > 0  # scores, not ties
+
+
 def test_interval_is_the_t_interval():
     values = [1.0, 2.0, 4.0, 7.0, 11.0]  # s.d. 4.0620, t(0.975, 4 df) = 2.776
     mean, half = world.interval(values)
@@ -152,7 +212,7 @@ def test_small_experiment_table_is_recomputed_from_results_and_world_checks_hold
     methods = ("DPO, human 100 %", "DPO, labeled part only", "CW-DPO")
     monkeypatch.setattr(world, "METHODS", {name: world.METHODS[name] for name in methods})
     args = argparse.Namespace(out=str(tmp_path), sweep=False, seeds=2, pairs=600, eval_prompts=60, samples=4,
-                              sft_examples=600, epochs=2, lr=3e-4, beta=0.3, labeled_fraction=0.3)
+                              sft_examples=600, epochs=2, lr=3e-4, beta=0.3, labeled_fraction=0.3, study=False)
     world.experiment(args)
     assert "seed 2 of 2 | step 8 of 8" in capsys.readouterr().out  # progress: seed k of N, step m of M
     results = json.loads((tmp_path / "results.json").read_text())
@@ -165,6 +225,9 @@ def test_small_experiment_table_is_recomputed_from_results_and_world_checks_hold
         assert f"| {name} | {np.mean(gra):.1f} [{np.mean(gra) - half:.1f}, {np.mean(gra) + half:.1f}] |" in table
         if name != methods[0]:
             assert f"{np.mean(diff):+.1f} [{np.mean(diff) - 12.71 * np.std(diff, ddof=1) / np.sqrt(2):+.1f}" in table
+        judged = [s["methods"][name]["gra_judge"] for s in run["seeds"]]  # the learned judge's column beside it
+        half = 12.71 * np.std(judged, ddof=1) / np.sqrt(2)
+        assert f"| {np.mean(judged):.1f} [{np.mean(judged) - half:.1f}, {np.mean(judged) + half:.1f}] |" in table
     # the world checks at this scale: preference training must beat SFT, and the annotator must beat chance where
     # it is confident (a flipped loss sign, swapped labels or a dropped human label would fail here)
     for seed in run["seeds"]:

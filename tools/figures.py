@@ -81,9 +81,16 @@ def pooled_bins(bin_lists):
     return [merged[k] for k in sorted(merged)]
 
 
+def _interval_cells(r, reference_row):
+    diff = "" if reference_row else f"{r['diff']:+.1f} [{r['diff_lo']:+.1f}, {r['diff_hi']:+.1f}]"
+    return f"{r['gra']:.1f} [{r['lo']:.1f}, {r['hi']:.1f}] | {diff}"
+
+
 def results_markdown(results, reference):
-    """The experiment's tables as markdown: per labeled fraction, each method's GRA with its interval, the paired
-    difference to `reference` and its verdict, then the annotator's accuracy and the world checks."""
+    """The experiment's tables as markdown: per human noise and labeled fraction, each method's GRA under the
+    program and under the learned judge with its interval, the paired difference to `reference` and its verdict,
+    its answers' length; the labelers' agreement with gold and length preference, and the world checks; then the
+    paper's claims per judge and noise."""
     args, parts = results["args"], []
     head = (f"GRA: % of {args['eval_prompts']} held-out prompts where the policy's mean gold reward over "
             f"{args['samples']} sampled answers beats the SFT model's (greedy GRA: one greedy answer each); mean over "
@@ -91,30 +98,53 @@ def results_markdown(results, reference):
     for run in results["runs"]:
         ann = {k: sum(s["annotator_vs_gold"][k] for s in run["seeds"]) / len(run["seeds"])
                for k in ("accuracy", "accuracy_top30", "ece")}
-        lines = [f"### {run['labeled_fraction']:.0%} labeled, {args['pairs']} pairs, {len(run['seeds'])} seeds", "",
-                 f"| method | GRA % [95 % CI] | minus {reference} [95 % CI] | verdict | greedy GRA % | per seed |",
-                 "|---|---|---|---|---|---|"]
+        judge, n = run["judge"], len(run["seeds"])
+        shorter = {k: sum(s["shorter"][k] for s in run["seeds"]) / n for k in ("annotator", "humans")}
+        humans = sum(s["human_vs_gold"] for s in run["seeds"]) / n
+        lines = [f"### {run['noise']} human noise, {run['labeled_fraction']:.0%} labeled, {args['pairs']} pairs, "
+                 f"{n} seeds", "", f"| method | GRA % [95 % CI] | minus {reference} [95 % CI] | verdict | learned "
+                 f"judge: GRA % [95 % CI] | minus {reference} [95 % CI] | verdict | words per answer | greedy GRA % "
+                 f"| per seed |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in run["summary"].items():
-            diff = "" if name == reference else f"{r['diff']:+.1f} [{r['diff_lo']:+.1f}, {r['diff_hi']:+.1f}]"
-            lines.append(f"| {name} | {r['gra']:.1f} [{r['lo']:.1f}, {r['hi']:.1f}] | {diff} | {r['verdict']} | "
+            j = run["summary_judge"][name]
+            lines.append(f"| {name} | {_interval_cells(r, name == reference)} | {r['verdict']} | "
+                         f"{_interval_cells(j, name == reference)} | {j['verdict']} | {r['words']:.1f} | "
                          f"{r['gra_greedy']:.1f} | {' / '.join(f'{g:.1f}' for g in r['per_seed'])} |")
-        lines += ["", f"Annotator vs gold on the unlabeled pairs: accuracy {ann['accuracy']:.3f}, its 30 % most "
-                  f"confident {ann['accuracy_top30']:.3f}, ECE {ann['ece']:.3f}. World checks (no CW-PO method):"]
+        lines += ["", f"Agreement with gold: humans {humans:.3f}, annotator (unlabeled pairs) {ann['accuracy']:.3f} "
+                  f"(its 30 % most confident {ann['accuracy_top30']:.3f}, ECE {ann['ece']:.3f}), learned judge "
+                  f"(trained on {judge['pairs']} pairs of its own; on the experiment's pool) {judge['vs_gold']:.3f}. "
+                  f"Prefers the shorter answer (pairs whose lengths differ): gold {judge['gold_shorter']:.3f}, humans "
+                  f"{shorter['humans']:.3f}, annotator {shorter['annotator']:.3f}, learned judge "
+                  f"{judge['shorter']:.3f}; SFT answers {judge['sft_words']:.1f} words. World checks (no CW-PO "
+                  f"method):"]
         parts.append("\n".join(lines + [f"- {'PASS' if c['passed'] else 'FAIL'}: {c['check']} ({c['value']:.3f})"
                                         for c in run["checks"]]))
+    claims = [(run, claim, c) for run in results["runs"] for claim, c in run["claims"].items()]
+    if claims:
+        head_lines = ["### The paper's claims (supported: the paired 95 % interval above 0; contradicted: below 0)",
+                      "", "| human noise | labeled | claim (judge) | paired difference [95 % CI] | verdict |",
+                      "|---|---|---|---|---|"]
+        parts.append("\n".join(head_lines +
+                               [f"| {run['noise']} | {run['labeled_fraction']:.0%} | {claim} | {c['diff']:+.1f} "
+                                f"[{c['lo']:+.1f}, {c['hi']:+.1f}] | {c['verdict']} |" for run, claim, c in claims]))
     return "\n\n".join([head] + parts)
 
 
 def write_figures(results, out_dir):
-    """reliability-NN.svg and gra-NN.svg for each labeled fraction NN % of a results.json dict; -> the paths."""
+    """reliability-NN.svg, gra-NN.svg (the program judges) and gra-judge-NN.svg (the learned judge) for each labeled
+    fraction NN % of a results.json dict, with "-systematic" before ".svg" for systematic human noise; -> the paths."""
     paths = []
     for run in results["runs"]:
         pct, n = round(100 * run["labeled_fraction"]), len(run["seeds"])
+        noise = "" if run["noise"] == "random" else f"-{run['noise']}"
         bins = pooled_bins([s["annotator_vs_gold"]["bins"] for s in run["seeds"]])
-        paths.append(os.path.join(out_dir, f"reliability-{pct}.svg"))
-        reliability_svg(bins, paths[-1], f"Weak annotator ({pct} % labels), unlabeled pairs of {n} seeds")
-        paths.append(os.path.join(out_dir, f"gra-{pct}.svg"))
-        gra_svg(run["summary"], paths[-1], f"GRA per method, {pct} % labeled, {n} seeds", "DPO, human 100 %")
+        paths.append(os.path.join(out_dir, f"reliability-{pct}{noise}.svg"))
+        reliability_svg(bins, paths[-1], f"Weak annotator ({pct} % labels, {run['noise']} human noise), unlabeled "
+                        f"pairs of {n} seeds")
+        for summary, judge, name in (("summary", "program", "gra"), ("summary_judge", "learned judge", "gra-judge")):
+            paths.append(os.path.join(out_dir, f"{name}-{pct}{noise}.svg"))
+            gra_svg(run[summary], paths[-1], f"GRA under the {judge}, {pct} % labeled, {run['noise']} human noise, "
+                    f"{n} seeds", "DPO, human 100 %")
     return paths
 
 
