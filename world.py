@@ -248,7 +248,9 @@ def run_seed(seed, world, args, fraction, methods, device, log, progress):
 
 def interval(values):
     """Mean and the half-width of its 95 % t-interval over seeds."""
-    values = np.asarray(values, dtype=float)  # one seed gives no interval (nan)
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:  # one seed gives no interval (nan: null in results.json)
+        return float(values.mean()), math.nan
     t = T_975[len(values) - 2] if 2 <= len(values) <= len(T_975) + 1 else 2.0
     return float(values.mean()), float(t * values.std(ddof=1) / np.sqrt(len(values)))
 
