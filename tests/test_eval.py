@@ -138,7 +138,8 @@ def test_bad_flags_are_one_line_before_any_work(tiny_world, tmp_path, capsys):
         (["--out", str(out), "--sweep", "--labeled-fraction", "0.2"], "leave out --labeled-fraction"),  # ignored
         (["--policy", str(tmp_path / "gpt2"), "--sft", tiny_world["model"], "--prompts", tiny_world["pairs"],
           "--judge", str(tmp_path / "judge"), "--max-new-tokens", "60"], "gpt2's max_position_embeddings 64"),
-        (gra + ["--judge", str(tmp_path / "gpt2-judge"), "--max-new-tokens", "60"], "gpt2-judge's max_position_emb"),
+        (gra + ["--judge", str(tmp_path / "gpt2-judge"), "--max-new-tokens", "60"],  # before generation, not after
+         "the prompts + --max-new-tokens + EOS exceed " + str(tmp_path / "gpt2-judge") + "'s max_position_embeddings"),
     ]
     for flags, message in cases:
         line = cli_line(flags, capsys)
@@ -151,3 +152,14 @@ def test_an_explicit_flag_wins_over_quick():
     args = gra.parse_args(["--quick", "--seeds", "1", "--pairs", "50"])  # bug: silently 2 seeds and 800 pairs
     assert (args.seeds, args.pairs, args.eval_prompts, args.sft_examples) == (1, 50, 100, 800)
     assert (gra.parse_args([]).seeds, gra.parse_args([]).pairs) == (5, 2000)
+
+
+def test_judge_scores_checks_the_lengths_it_reads(tiny_world):
+    # the judge re-tokenizes each answer: with a tokenizer of its own it may read more tokens than were generated
+    import eval as gra
+    from model import RewardModel, config_from_hf, load_tokenizer
+    gpt2 = dict(model_type="gpt2", vocab_size=400, n_embd=16, n_layer=1, n_head=2, n_positions=64)
+    judge, tok = RewardModel(config_from_hf(gpt2)), load_tokenizer(tiny_world["model"])
+    with pytest.raises(ValueError, match=r"the prompts \+ answers it reads exceed J's max_position_embeddings 64"):
+        gra.judge_scores("J", judge, tok, ["\n\nHuman: hi\n\nAssistant:"], [" Sure!" * 40], torch.device("cpu"))
+    assert len(gra.judge_scores("J", judge, tok, ["\n\nHuman: hi\n\nAssistant:"], [" Sure!"], torch.device("cpu"))) == 1

@@ -188,6 +188,8 @@ def test_experiment_checks_before_any_work_and_never_leaves_an_old_run_beside_a_
                               sft_examples=10, epochs=1, lr=1e-3, beta=0.3, labeled_fraction=0.0)
     with pytest.raises(ValueError, match="--labeled-fraction 0.0 of --pairs 10 leaves no labeled"):
         world.experiment(args)  # bug: "no training examples" after the world was built
+    with pytest.raises(ValueError, match="leave out --labeled-fraction"):  # bug: --sweep ignored the explicit flag
+        world.experiment(argparse.Namespace(**dict(vars(args), sweep=True, labeled_fraction=0.2)))
     assert all((tmp_path / name).exists() for name in old)  # refused before anything was touched
     # stopped with Ctrl-C while the world is built: one line, status 130, and the old results are gone
     monkeypatch.setattr(world, "build_world", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
