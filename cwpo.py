@@ -1,12 +1,13 @@
 """Confidence-Weighted Preference Optimization (CW-PO): the method in one module.
 
-Paper: "When Weak LLMs Speak with Confidence, Preference Alignment Gets Stronger" (Afzali, Jeon, Brbic;
-ICLR 2026; arXiv 2603.04968). Read in order, the method first and the machinery last: the weak labels
-(`confidence`, `top_fraction_mask`, and `bt_loss`, the annotator's objective); CW-PO (`weighted_mean`, the
-objective E[C * l], `batch_loss`, and `win_rate`, the paper's Gold Reward Accuracy); the pairwise losses l, one
-small function each, dispatched by `preference_loss` and defined as TRL 1.16's trainers define them (tested against them in tests/test_cwpo_trl.py);
-`sequence_logps`, the one log-prob function every script calls; the fused LM-head kernel behind it. Every piece
-is a pure function of tensors (or an autograd Function) and imports only torch, so each can be copied alone.
+Paper: "When Weak LLMs Speak with Confidence, Preference Alignment Gets Stronger" (Afzali, Jeon, Brbic; ICLR 2026;
+arXiv 2603.04968). Read in order, the method first and the machinery last: the weak labels (`confidence`,
+`top_fraction_mask`, and `bt_loss`, the annotator's objective); CW-PO (`weighted_mean`, the objective E[C * l],
+`batch_loss`, and `win_rate`, the paper's Gold Reward Accuracy); the pairwise losses l, one small function each,
+dispatched by `preference_loss` and defined as TRL 1.16's trainers define them (tested against them in
+tests/test_cwpo_trl.py); `sequence_logps`, the one log-prob function every script calls; the fused LM-head kernel
+behind it. Every piece is a pure function of tensors (or an autograd Function) and imports only torch, so each can
+be copied alone.
 
 Batch layout (data.py's collate): input_ids / attention_mask / completion_mask [2B, T], rows 0..B-1
 prompt+chosen and rows B..2B-1 prompt+rejected, right-padded; weight [B] the per-pair weight.

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import cwpo
 import data
-from model import RewardModel, atomic_write, check_fits, load_model, load_tokenizer, save_model
+from model import LORA_MODULES, apply_lora, atomic_write, check_fits, load_model, load_tokenizer, merge_lora, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
@@ -92,13 +92,18 @@ def checkpoints(out):
     names = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()]
     return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n.split("-", 1)[1]))]
 
+def trainable_state(model):
+    """{name: tensor} of the parameters that train: all of them, or LoRA's adapters (and an annotator's head)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
 def save_checkpoint(model, optimizer, step, args):
-    """Weights and optimizer state of one step, written into a temporary folder that one rename makes
+    """Trained weights and optimizer state of one step, written into a temporary folder that one rename makes
     OUT/checkpoint-STEP: a kill at any moment leaves the previous checkpoint whole. Older ones are removed."""
     tmp = os.path.join(args.out, f"checkpoint-{step}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step}, os.path.join(tmp, "train_state.pt"))
+    os.makedirs(tmp)
+    torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(), "step": step},
+               os.path.join(tmp, "train_state.pt"))
     os.replace(tmp, os.path.join(args.out, f"checkpoint-{step}"))
     for old in checkpoints(args.out)[:-1]:
         shutil.rmtree(old)
@@ -113,8 +118,7 @@ def resume(model, optimizer, args, log):
         state = torch.load(os.path.join(found[-1], "train_state.pt"), weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{found[-1]}/train_state.pt: not a plain training state ({str(e).splitlines()[0]})") from None
-    saved = load_model(found[-1], dtype=torch.float32, reward=isinstance(model, RewardModel))
-    model.load_state_dict(saved.state_dict())
+    model.load_state_dict(state["model"], strict=False)  # the frozen base is not in it: it comes from --model
     optimizer.load_state_dict(state["optimizer"])
     log_file = os.path.join(args.out, "log.jsonl")
     if os.path.exists(log_file):
@@ -133,7 +137,8 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
         shutil.rmtree(os.path.join(args.out, leftover))  # a checkpoint that a kill interrupted
     getattr(model, "body", model).grad_checkpointing = args.grad_checkpointing  # a RewardModel's decoder is .body
     # fused: one kernel over all parameters, no per-tensor temporaries (about 5x faster than foreach on CPU)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95),
+    params = [p for p in model.parameters() if p.requires_grad]  # all, or LoRA's adapters (and a scalar head)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95),
                                   fused=True)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = args.max_steps or steps_per_epoch * args.epochs
@@ -172,7 +177,7 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
         if world_size > 1:  # data parallel: each rank's loss is its share of the global batch's, so the sum is exact
             for work in [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]:
                 work.wait()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
         if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
             raise FloatingPointError(f"step {step + 1}: loss {totals['loss']}, gradient norm {grad_norm}; stopped "
                                      "before the update (lower --lr, check the loss options and the confidences)")
@@ -218,13 +223,23 @@ def encode_examples(tok, pairs, args):
         ex["weight"] = w
     return examples
 
+def load_trainable(args, device, reward=False):
+    """args.model to train: all of it in fp32, or with --lora-rank a frozen base (bf16 on CUDA) with LoRA adapters."""
+    modules = args.lora_modules.split(",")
+    if args.lora_rank < 0 or not args.lora_alpha > 0 or set(modules) - set(LORA_MODULES):
+        raise ValueError(f"--lora-rank must be >= 0, --lora-alpha > 0, --lora-modules a comma list of "
+                         f"{','.join(LORA_MODULES)}; got {args.lora_rank}, {args.lora_alpha}, {args.lora_modules!r}")
+    dtype = torch.bfloat16 if args.lora_rank and device.type == "cuda" else torch.float32
+    model = load_model(args.model, dtype=dtype, device=device, reward=reward)
+    return apply_lora(model, args.lora_rank, args.lora_alpha, modules) if args.lora_rank else model
+
 def main(args):
     rank, world_size, device = distributed()
     torch.manual_seed(args.seed)
     if args.objective == "preference":
         check_loss(args)
     tok = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=torch.float32, device=device)
+    model = load_trainable(args, device)
     check_lengths(model.config, tok, args)
     examples = encode_examples(tok, data.load_pairs(args.data, args.format, skip_bad=args.skip_bad), args)
     if rank == 0:
@@ -236,7 +251,7 @@ def main(args):
         add_reference_logps(model, examples, tok.pad_id, micro_size, device, ld_alpha, args.bf16)
     train(model, examples, tok.pad_id, args, OBJECTIVES[args.objective], rank, world_size, device)
     if rank == 0:
-        save_model(model, args.out)
+        save_model(merge_lora(model), args.out)
         for name in TOKENIZER_FILES:  # the policy folder is a complete checkpoint
             if os.path.exists(os.path.join(args.model, name)):
                 shutil.copy(os.path.join(args.model, name), os.path.join(args.out, name))
@@ -303,6 +318,10 @@ def add_training_args(p):
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-STEP")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA's update is scaled by alpha / rank")
+    p.add_argument("--lora-modules", default=",".join(LORA_MODULES),
+                   help="the modules of each block that get adapters, a comma list of " + ",".join(LORA_MODULES))
     return p
 
 def parser():

@@ -20,7 +20,7 @@ import torch
 import cwpo
 import data
 import train_policy
-from model import atomic_write, load_model, load_tokenizer, save_model
+from model import atomic_write, load_tokenizer, merge_lora, save_model
 
 def bt_objective(model, batch, micro, args):
     """The annotator's loss for train_policy.train: sum_i w_i * BT loss of the pair's scalar scores (cwpo.bt_loss),
@@ -86,7 +86,7 @@ def write_jsonl(path, records):
 def train_annotator(labeled, args, device, log=print):
     """A reward model from args.model, trained with BT on the labeled pairs; -> (model, tokenizer)."""
     tok = load_tokenizer(args.model)
-    rm = load_model(args.model, dtype=torch.float32, device=device, reward=True)
+    rm = train_policy.load_trainable(args, device, reward=True)
     train_policy.check_lengths(rm.config, tok, args)
     train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), tok.pad_id, args, bt_objective,
                        device=device, log=log)
@@ -105,7 +105,7 @@ def main(args):
     if tie.all():
         raise ValueError(f"{args.data}: every pair the report is on has two identical answers: change --eval-size")
     rm, tok = train_annotator(labeled, args, device)
-    save_model(rm, args.out)
+    save_model(merge_lora(rm), args.out)
     # without held-out pairs the report is on the unlabeled pairs' hidden human labels: one scoring pass serves both
     scores = score_pairs(rm, tok, heldout or unlabeled, args, device)
     a_wins, confidence = cwpo.confidence(*scores)  # "chosen" is the human label: a wins = correct; ties left out
