@@ -95,20 +95,21 @@ def detect_format(record):
     raise ValueError(f"cannot tell the format from keys {sorted(keys)}; pass fmt= one of {tuple(PARSERS)}")
 
 def load_pairs(path, fmt="auto", skip_bad=False):
-    """Read preference pairs from a .jsonl or .jsonl.gz file: a list of {"prompt", "chosen", "rejected"} dicts
-    ({"prompt", "answer_a", "answer_b"} for fmt="unlabeled"). fmt "auto" takes the format of the first record.
-    A malformed record raises ValueError naming the file, the 1-based line and the key; with skip_bad=True it
-    is skipped instead and one line on stderr says how many were. Blank lines are not records."""
+    """Read preference pairs from a .jsonl, .jsonl.gz or .parquet file: a list of {"prompt", "chosen", "rejected"}
+    dicts ({"prompt", "answer_a", "answer_b"} for fmt="unlabeled"). fmt "auto" takes the format of the first record.
+    A malformed record raises ValueError naming the file, the 1-based line (or row) and the key; with skip_bad=True
+    it is skipped instead and one line on stderr says how many were. Blank lines are not records."""
     if fmt != "auto" and fmt not in PARSERS:
         raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {tuple(PARSERS)}")
+    parquet = str(path).endswith(".parquet")
     opener = gzip.open if str(path).endswith(".gz") else open
-    pairs, n_bad, first_bad = [], 0, None
+    pairs, n_bad, first_bad, unit = [], 0, None, "row" if parquet else "line"
     with opener(path, "rb") as f:
-        for lineno, line in _lines(f, path):
-            if not line.strip():
+        for lineno, line in _parquet_rows(f, path) if parquet else _lines(f, path):
+            if not parquet and not line.strip():
                 continue
-            try:
-                record = json.loads(line.decode("utf-8"))  # bad JSON and bad UTF-8 are ValueErrors too
+            try:  # bad JSON and bad UTF-8 are ValueErrors too
+                record = line if parquet else json.loads(line.decode("utf-8"))
                 if not isinstance(record, dict):
                     raise ValueError("a record must be a JSON object")
                 if fmt == "auto":
@@ -116,9 +117,9 @@ def load_pairs(path, fmt="auto", skip_bad=False):
                 pairs.append(PARSERS[fmt](record))
             except ValueError as e:
                 if not skip_bad:
-                    raise ValueError(f"{path}, line {lineno}: {e}") from None
+                    raise ValueError(f"{path}, {unit} {lineno}: {e}") from None
                 n_bad += 1
-                first_bad = first_bad or f"line {lineno}: {e}"
+                first_bad = first_bad or f"{unit} {lineno}: {e}"
     if n_bad:
         print(f"load_pairs: skipped {n_bad} malformed record(s) in {path} (first: {first_bad})", file=sys.stderr)
     if not pairs:
@@ -127,6 +128,16 @@ def load_pairs(path, fmt="auto", skip_bad=False):
     if n_same:  # no gradient: DPO trains them at a constant log 2
         print(f"load_pairs: {n_same} pair(s) in {path} have identical chosen and rejected answers", file=sys.stderr)
     return pairs
+
+def _parquet_rows(f, path):
+    """(1-based row number, row dict) of an open parquet file (as UltraFeedback-binarized is), by optional pyarrow."""
+    try:
+        import pyarrow.parquet
+        return enumerate(pyarrow.parquet.read_table(f).to_pylist(), 1)
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs the package pyarrow (pip install pyarrow)") from None
+    except pyarrow.ArrowException as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
 
 def _lines(f, path):
     """(1-based line number, line) of an open file; a truncated or corrupt .gz raises a ValueError naming it."""

@@ -22,15 +22,14 @@ import data
 import train_policy
 import world
 from cwpo import win_rate
-from model import generate_answers, load_model, load_tokenizer
+from model import check_fits, config_from_hf, generate_answers, load_model, load_tokenizer, read_json
 
 @torch.no_grad()
-def judge_scores(judge_path, tok, prompts, answers, device, batch_size=32):
-    """Scores of a gold reward checkpoint (any model.py loads, with a scalar head) for each prompt + answer."""
-    judge = load_model(judge_path, dtype=torch.float32, device=device, reward=True).eval()
-    has_tokenizer = any(os.path.exists(os.path.join(judge_path, f)) for f in ("tokenizer.json", "vocab.json"))
-    judge_tok = load_tokenizer(judge_path) if has_tokenizer else tok  # a judge may read text with its own tokenizer
+def judge_scores(judge_path, judge, judge_tok, prompts, answers, device, batch_size=32):
+    """Scores of a gold reward model (with its trained scalar head) for each prompt + answer, read with judge_tok."""
     seqs = [data.encode_prompt_answer(judge_tok, p, a, 1024, 1024) for p, a in zip(prompts, answers)]
+    check_fits(judge_path, judge.config, judge_tok, max(len(s["prompt_ids"] + s["answer_ids"]) for s in seqs),
+               "the prompts + answers it reads")
     scores = []
     for chunk in data.iterate_batches(seqs, batch_size):
         batch = data.collate(chunk, judge_tok.pad_id)
@@ -44,34 +43,47 @@ def main(args):
     tok = load_tokenizer(args.policy)
     prompts = sorted({p["prompt"] for p in data.load_pairs(args.prompts)})[:args.eval_prompts]
     prompt_ids = [data.encode_prompt(tok, p, 256) for p in prompts]
+    judge = load_model(args.judge, dtype=torch.float32, device=device, reward=True, trained_head=True).eval()
+    has_tokenizer = any(os.path.exists(os.path.join(args.judge, f)) for f in ("tokenizer.json", "vocab.json"))
+    judge_tok = load_tokenizer(args.judge) if has_tokenizer else tok  # a judge may read text with its own tokenizer
+    for path in (args.policy, args.sft):  # checked before generation; the judge's again on the answers, in judge_scores
+        check_fits(path, config_from_hf(read_json(os.path.join(path, "config.json"))), tok,
+                   max(map(len, prompt_ids)) + args.max_new_tokens, "the prompts + --max-new-tokens")
+    check_fits(args.judge, judge.config, judge_tok, max(len(judge_tok.encode(p).ids) for p in prompts)
+               + args.max_new_tokens + 1, "the prompts + --max-new-tokens + EOS")
     answers = {name: generate_answers(load_model(path, device=device), tok, prompt_ids, args.max_new_tokens)
                for name, path in (("policy", args.policy), ("sft", args.sft))}
-    scores = {name: judge_scores(args.judge, tok, prompts, a, device) for name, a in answers.items()}
+    scores = {name: judge_scores(args.judge, judge, judge_tok, prompts, a, device) for name, a in answers.items()}
     result = dict(win_rate(scores["policy"], scores["sft"]), mean_reward=float(np.mean(scores["policy"])),
                   prompts=len(prompts))
     print(json.dumps(result))
 
-if __name__ == "__main__":
+def parse_args(argv=None):
+    """The flags, checked before any work: an explicit flag wins over --quick, and --policy needs its three partners."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/experiment", help="built-in experiment: output folder")
     p.add_argument("--quick", action="store_true", help="built-in experiment, smaller (about 2 minutes)")
-    p.add_argument("--sweep", action="store_true", help="CW-DPO against DPO at 10 / 20 / 30 % labels")
+    p.add_argument("--sweep", action="store_true", help="CW-DPO against DPO at 10 / 20 / 30 %% labels")
     p.add_argument("--study", action="store_true", help="random and systematic (length-biased) human noise")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--pairs", type=int, default=2000, help="preference pairs (two answers to one prompt)")
-    p.add_argument("--eval-prompts", type=int, default=300)
-    p.add_argument("--samples", type=int, default=4, help="sampled answers per held-out prompt")
-    p.add_argument("--sft-examples", type=int, default=4000)
-    p.add_argument("--epochs", type=int, default=1, help="preference optimization epochs")
-    p.add_argument("--lr", type=float, default=1e-4, help="preference optimization learning rate")
-    p.add_argument("--beta", type=float, default=0.3)
-    p.add_argument("--labeled-fraction", type=float, default=0.3)
+    p.add_argument("--seeds", type=train_policy.positive_int, default=5, help="(--quick: 2)")
+    p.add_argument("--pairs", type=train_policy.positive_int, default=2000, help="preference pairs (--quick: 800)")
+    p.add_argument("--eval-prompts", type=train_policy.positive_int, default=300, help="(--quick: 100)")
+    p.add_argument("--samples", type=train_policy.positive_int, default=4, help="sampled answers per held-out prompt")
+    p.add_argument("--sft-examples", type=train_policy.positive_int, default=4000, help="(--quick: 800)")
+    p.add_argument("--epochs", type=train_policy.positive_int, default=1, help="preference optimization epochs")
+    p.add_argument("--lr", type=train_policy.positive_float, default=1e-4, help="preference optimization learning rate")
+    p.add_argument("--beta", type=train_policy.positive_float, default=0.3)
+    p.add_argument("--labeled-fraction", type=float, help="(default 0.3; --sweep runs 0.1, 0.2 and 0.3)")
     p.add_argument("--policy", help="GRA of this checkpoint against --sft, judged by --judge, on --prompts")
     p.add_argument("--sft")
     p.add_argument("--prompts", help="a pairs file whose prompts are evaluated")
-    p.add_argument("--judge", help="gold reward checkpoint folder")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    args = p.parse_args()
-    if args.quick:
-        vars(args).update(seeds=2, pairs=800, eval_prompts=100, sft_examples=800)
-    train_policy.run_script(main, args)
+    p.add_argument("--judge", help="gold reward checkpoint folder (with its trained score.weight)")
+    p.add_argument("--max-new-tokens", type=train_policy.positive_int, default=128)
+    args = p.parse_args(argv, argparse.Namespace(**world.QUICK) if p.parse_known_args(argv)[0].quick else None)
+    given = [f"--{name}" for name in ("policy", "sft", "judge", "prompts") if getattr(args, name)]
+    if given and len(given) < 4:
+        p.error(f"--policy, --sft, --judge and --prompts go together; given only {', '.join(given)}")
+    return args
+
+if __name__ == "__main__":
+    train_policy.run_script(main, parse_args())

@@ -375,12 +375,12 @@ def read_json(path):
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
 
-def load_model(path, dtype=None, device="cpu", reward=False):
+def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False):
     """Load a local HF checkpoint folder as a GPT (or, with reward=True, a RewardModel).
 
     dtype None keeps the checkpoint's own dtype (config.json's dtype / torch_dtype). A missing, unexpected or
     wrongly shaped tensor raises an error naming the tensor and the file. With reward=True the scalar head comes
-    from `score.weight` when the checkpoint has one, else it is fresh (a pretrained LM becomes an annotator).
+    from `score.weight`, else it is fresh (a pretrained LM becomes an annotator) unless trained_head=True (a judge).
     """
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
@@ -397,6 +397,8 @@ def load_model(path, dtype=None, device="cpu", reward=False):
         ours = full_name.removeprefix("body.")
         theirs, transposed = hf_names(cfg, ours)
         if ours == "score.weight" and ours not in where:  # a fresh scalar head on a pretrained LM
+            if trained_head:  # a random head would judge at random (GRA 0 or 100 by the draw)
+                raise KeyError(f"{path}: checkpoint lacks tensor 'score.weight': a trained scalar head is needed")
             state[full_name] = torch.randn(param.shape, dtype=dtype) * cfg.hf.get("initializer_range", 0.02)
             continue
         parts = []
@@ -478,6 +480,8 @@ def load_tokenizer(path):
         tok.decoder = decoders.ByteLevel()
     else:
         raise FileNotFoundError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
+    tok.file = os.path.join(path, "tokenizer.json" if os.path.exists(os.path.join(path, "tokenizer.json"))
+                            else "vocab.json")  # named in messages
     meta = {}
     for name in ("config.json", "special_tokens_map.json", "tokenizer_config.json"):  # later files win
         if os.path.exists(os.path.join(path, name)):
@@ -496,6 +500,14 @@ def load_tokenizer(path):
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
                                                            special_tokens=[(bos, tok.bos_id)])
     return tok
+
+def check_fits(model_path, cfg, tok, length, what):
+    """Fail before any work where the model cannot embed its input: token ids or (GPT-2, OPT) `length` positions."""
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(f"{getattr(tok, 'file', 'the tokenizer')} has {tok.get_vocab_size()} tokens, more than the "
+                         f"vocab_size {cfg.vocab_size} of {os.path.join(model_path, 'config.json')}")
+    if not cfg.rope and length > cfg.max_pos:
+        raise ValueError(f"{what} exceed {model_path}'s max_position_embeddings {cfg.max_pos}")
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=1.0, generator=None):

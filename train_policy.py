@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import cwpo
 import data
-from model import LORA_MODULES, apply_lora, atomic_write, load_model, load_tokenizer, merge_lora, save_model
+from model import LORA_MODULES, apply_lora, atomic_write, check_fits, load_model, load_tokenizer, merge_lora, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
@@ -215,6 +215,9 @@ def encode_examples(tok, pairs, args):
         return [data.encode_prompt_answer(tok, p["prompt"], p["chosen"], args.max_prompt_len, args.max_answer_len)
                 for p in pairs]
     pairs, weights = pair_weights(pairs, args.weighting, args.top_fraction)
+    if not any(weights):  # every loss would be multiplied by 0: refused rather than trained for nothing
+        flag = f"--top-fraction {args.top_fraction}" if args.weighting == "top" else f"--weighting {args.weighting}"
+        raise ValueError(f"{args.data}: {flag} leaves no pair with a weight above 0 (nothing to train)")
     examples = encode_pairs(tok, pairs, args)
     for ex, w in zip(examples, weights):
         ex["weight"] = w
@@ -237,7 +240,7 @@ def main(args):
         check_loss(args)
     tok = load_tokenizer(args.model)
     model = load_trainable(args, device)
-    check_lengths(model.config, args)
+    check_lengths(model.config, tok, args)
     examples = encode_examples(tok, data.load_pairs(args.data, args.format, skip_bad=args.skip_bad), args)
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -259,34 +262,40 @@ def main(args):
         sys.stderr.flush()
         os._exit(0)
 
-def check_lengths(cfg, args):
-    """Learned position tables (GPT-2, OPT) end at max_position_embeddings: longer sequences cannot be embedded."""
-    if cfg.model_type in ("gpt2", "opt") and args.max_prompt_len + args.max_answer_len > cfg.max_pos:
-        raise ValueError(f"--max-prompt-len {args.max_prompt_len} + --max-answer-len {args.max_answer_len} exceed "
-                         f"{args.model}'s max_position_embeddings {cfg.max_pos}")
+def check_lengths(cfg, tok, args):
+    """The model embeds the tokenizer's ids and --max-prompt-len + --max-answer-len positions (model.check_fits)."""
+    check_fits(args.model, cfg, tok, args.max_prompt_len + args.max_answer_len,
+               f"--max-prompt-len {args.max_prompt_len} + --max-answer-len {args.max_answer_len}")
 
 def positive_int(text):
     if not text.lstrip("-").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return int(text)
 
+def positive_float(text):  # a learning rate or a gradient-norm limit of 0 trains nothing, a negative one backwards
+    if not 0 < float(text) < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return float(text)
+
 def check_loss(args):
     """Fail before any work where --loss and --loss-options would fail in training (an unknown name, a clash with a
     flag, a bad value): compute the loss once on a dummy pair. Options of batch_loss itself are checked there."""
     if not isinstance(args.loss_options, dict):
         raise ValueError(f"--loss-options must be a JSON object, got {json.dumps(args.loss_options)}")
+    if not 0 < args.beta < math.inf:  # 0 trains nothing (or divides by 0: IPO), < 0 trains toward the rejected
+        raise ValueError(f"--beta must be a positive number, got {args.beta}")
     batch_only = {"loss_weights", "ld_alpha", "use_weighting", "chunk_size"}
     options = {k: v for k, v in args.loss_options.items() if k not in batch_only}
     one = torch.ones(1)
     try:
         cwpo.preference_loss(args.loss, -one, -one, -one, -one, args.beta, one, one, **options)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"--loss {args.loss} --loss-options {json.dumps(args.loss_options)}: {e}") from None
 
 def add_training_args(p):
     """Flags shared with train_weak.py: data, model, optimization, logging."""
     p.add_argument("--model", required=True, help="starting checkpoint folder (a policy's is also its reference)")
-    p.add_argument("--data", required=True, help="pairs file (.jsonl / .jsonl.gz): HH-RLHF, TL;DR, UltraFeedback, ...")
+    p.add_argument("--data", required=True, help="pairs file (.jsonl[.gz] / .parquet): HH-RLHF, TL;DR, UltraFeedback")
     p.add_argument("--format", default="auto", help="data format for data.load_pairs (hh, tldr, ufb, pairs)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
     p.add_argument("--out", required=True, help="output folder")
@@ -294,10 +303,10 @@ def add_training_args(p):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="pairs (or sequences) per step, all ranks")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step on each rank")
-    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--lr", type=positive_float, default=1e-6)
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=10.0)
+    p.add_argument("--max-grad-norm", type=positive_float, default=10.0)
     p.add_argument("--max-prompt-len", type=positive_int, default=256)
     p.add_argument("--max-answer-len", type=positive_int, default=256)
     p.add_argument("--normalize", default="mean", choices=("mean", "sum_w"),
@@ -338,6 +347,9 @@ def run_script(main, args):
         raise SystemExit(f"error: {e}")
     except (ValueError, KeyError, FloatingPointError) as e:
         raise SystemExit(f"error: {e.args[0] if e.args else e}")
+    except KeyboardInterrupt:  # one line, the shell's exit status for SIGINT
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
 
 if __name__ == "__main__":
     run_script(main, parser().parse_args())

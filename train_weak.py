@@ -87,7 +87,7 @@ def train_annotator(labeled, args, device, log=print):
     """A reward model from args.model, trained with BT on the labeled pairs; -> (model, tokenizer)."""
     tok = load_tokenizer(args.model)
     rm = train_policy.load_trainable(args, device, reward=True)
-    train_policy.check_lengths(rm.config, args)
+    train_policy.check_lengths(rm.config, tok, args)
     train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), tok.pad_id, args, bt_objective,
                        device=device, log=log)
     return rm, tok
@@ -101,13 +101,16 @@ def main(args):
     print(f"{len(pairs)} pairs: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(heldout)} held out")
     if not labeled or not unlabeled:
         raise ValueError("the split left no labeled or no unlabeled pairs: change --labeled-fraction or --eval-size")
+    tie = torch.tensor([p["chosen"] == p["rejected"] for p in heldout or unlabeled])  # neither right nor wrong
+    if tie.all():
+        raise ValueError(f"{args.data}: every pair the report is on has two identical answers: change --eval-size")
     rm, tok = train_annotator(labeled, args, device)
     save_model(merge_lora(rm), args.out)
     # without held-out pairs the report is on the unlabeled pairs' hidden human labels: one scoring pass serves both
     scores = score_pairs(rm, tok, heldout or unlabeled, args, device)
-    a_wins, confidence = cwpo.confidence(*scores)
-    report = annotator_report(confidence.tolist(), a_wins.tolist())  # "chosen" is the human label: a wins = correct
-    report["on"] = "heldout" if heldout else "unlabeled (no held-out pairs)"
+    a_wins, confidence = cwpo.confidence(*scores)  # "chosen" is the human label: a wins = correct; ties left out
+    report = annotator_report(confidence[~tie].tolist(), a_wins[~tie].tolist())
+    report.update(on="heldout" if heldout else "unlabeled (no held-out pairs)", ties_left_out=int(tie.sum()))
     print("annotator vs human labels:", json.dumps({k: v for k, v in report.items() if k != "bins"}))
     os.makedirs(os.path.join(args.out, "splits"), exist_ok=True)
     for name, records in (("labeled", labeled), ("human_pool", labeled + unlabeled), ("heldout", heldout)):

@@ -13,6 +13,7 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import time
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ import train_policy
 import train_weak
 from cwpo import win_rate
 from model import GPT, atomic_write, config_from_hf, generate_answers, load_model, save_model
-from tools.figures import results_markdown, write_figures
+from tools.figures import render_figures, results_markdown, write_figures
 
 # ----------------------------------------------------------------------------- the world
 # The assistant recommends one item of a 3 x 4 menu (one item per category and taste), may say what it
@@ -191,6 +192,7 @@ POLICY_SIZE, WEAK_SIZE = (3, 96), (2, 64)  # (layers, width) of the strong polic
 VOCAB_SIZE, PRETRAIN_EPOCHS = 400, 4  # byte-level BPE trained on the world's text; epochs over that text
 ANNOTATOR_LR, ANNOTATOR_EPOCHS = 1e-3, 2  # its Bradley-Terry training on the labeled part
 HUMAN_AGREEMENT = 0.70  # with gold, as reported between human annotators on HH-RLHF and TL;DR; sets the BT temperature
+QUICK = dict(seeds=2, pairs=800, eval_prompts=100, sft_examples=800)  # eval.py --quick; explicit flags win over it
 T_975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t quantiles, 1-10 df
 
 class World(NamedTuple):
@@ -337,7 +339,9 @@ def run_seed(seed, world, args, fraction, methods, device, log, progress):
 
 def interval(values):
     """Mean and the half-width of its 95 % t-interval over seeds."""
-    values = np.asarray(values, dtype=float)  # one seed gives no interval (nan)
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:  # one seed gives no interval (nan: null in results.json)
+        return float(values.mean()), math.nan
     t = T_975[len(values) - 2] if 2 <= len(values) <= len(T_975) + 1 else 2.0
     return float(values.mean()), float(t * values.std(ddof=1) / np.sqrt(len(values)))
 
@@ -365,6 +369,7 @@ def summarize(seeds, methods, key="gra"):
         gra = [s["methods"][name][key] for s in seeds]
         (mean, half), (diff, lo, hi) = interval(gra), paired(seeds, name, REFERENCE, key)
         verdict = "better" if lo > 0 else "worse" if hi < 0 else "no difference shown"
+        verdict = verdict if len(seeds) > 1 else ""  # one seed: no interval, so no verdict (null bounds in JSON)
         rows[name] = {"gra": mean, "lo": mean - half, "hi": mean + half, "diff": diff, "diff_lo": lo, "diff_hi": hi,
                       "verdict": verdict if name != REFERENCE else "", "per_seed": gra,
                       **{k: float(np.mean([s["methods"][name][k] for s in seeds])) for k in ("gra_greedy", "words")}}
@@ -379,15 +384,41 @@ def claims(seeds, methods):
             if a in methods and b in methods:
                 diff, lo, hi = paired(seeds, a, b, key)
                 verdict = "supported" if lo > 0 else "contradicted" if hi < 0 else "cannot decide"
+                verdict = verdict if len(seeds) > 1 else ""
                 out[f"{claim} ({judge} judge)"] = {"diff": diff, "lo": lo, "hi": hi, "verdict": verdict}
     return out
+
+def finite_or_null(value):
+    """value with every NaN or infinity replaced by None: null in JSON, where a bare NaN is not valid."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return (float(value) if math.isfinite(value) else None) if isinstance(value, (float, np.floating)) else value
+
+def clear_outputs(out):
+    """Remove what an earlier experiment wrote into `out`, so that a failed or stopped run never leaves an old
+    results.json beside new models; other files stay."""
+    for name in os.listdir(out) if os.path.isdir(out) else []:
+        if name in ("tokenizer", "sft", "weak_base") or re.fullmatch(r"seed\d+", name):
+            shutil.rmtree(os.path.join(out, name))
+        elif re.fullmatch(r"results\.(json|md)|(reliability|gra|gra-judge)-\d+(-systematic)?\.svg", name):
+            os.remove(os.path.join(out, name))
 
 def experiment(args):
     t0, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)  # noqa: E731
+    if args.sweep and args.labeled_fraction is not None:  # checked before any work, as each flag below
+        raise ValueError("--sweep sets the labeled fractions itself (10 / 20 / 30 %): leave out --labeled-fraction")
+    fraction = 0.3 if args.labeled_fraction is None else args.labeled_fraction  # eval.py's default
+    runs = [(f, SWEEP) for f in (0.1, 0.2, 0.3)] if args.sweep else [(fraction, tuple(METHODS))]
+    for fraction, _ in runs:  # checked before any work: the annotator needs labeled pairs, and pairs to label
+        if not 1 <= round(fraction * args.pairs) < args.pairs:
+            raise ValueError(f"--labeled-fraction {fraction} of --pairs {args.pairs} leaves no labeled or no "
+                             "unlabeled pair")
+    clear_outputs(args.out)
     base = build_world(args, device, log)
     log(f"world: {len(base.pool)} pairs, {len(base.held_out)} prompts")
-    runs = [(f, SWEEP) for f in (0.1, 0.2, 0.3)] if args.sweep else [(args.labeled_fraction, tuple(METHODS))]
     noises = NOISES if args.study else NOISES[:1]
     units, done, t_start = len(noises) * args.seeds * sum(len(m) + 1 for _, m in runs), [0], time.time()
 
@@ -406,9 +437,10 @@ def experiment(args):
                                     "summary_judge": summarize(seeds, methods, "gra_judge"),
                                     "claims": claims(seeds, methods)})
     results["seconds"] = time.time() - t0
-    text = results_markdown(results, REFERENCE)
+    results = finite_or_null(results)
+    text, figures = results_markdown(results, REFERENCE), render_figures(results)  # all drawn before any is written
     print("\n" + text)
     atomic_write(os.path.join(args.out, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(text + "\n"))
     atomic_write(os.path.join(args.out, "results.json"), lambda tmp: pathlib.Path(tmp).write_text(
-        json.dumps(results, indent=1, default=float)))
-    write_figures(results, args.out)
+        json.dumps(results, indent=1, default=float, allow_nan=False)))
+    write_figures(figures, args.out)

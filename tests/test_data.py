@@ -4,6 +4,7 @@ formulas here, never taken from data.py's own output."""
 import gzip
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -80,6 +81,32 @@ def test_ultrafeedback_chat_lists_strings_and_a_missing_prompt(tmp_path):
                 {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}]
     assert data.load_pairs(path) == expected
     assert data.load_pairs(path, fmt="ufb") == expected
+
+
+def test_ultrafeedback_binarized_parquet_as_published(tmp_path, monkeypatch):
+    # the paper's UltraFeedback is published as parquet only; its columns and chat-message lists, as HF has them
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    chat = lambda user, answer: [{"content": user, "role": "user"}, {"content": answer, "role": "assistant"}]  # noqa
+    rows = [{"prompt": q, "prompt_id": f"id{i}", "chosen": chat(q, good), "rejected": chat(q, bad),
+             "messages": chat(q, good), "score_chosen": 8.5 - i, "score_rejected": 2.0}
+            for i, (q, good, bad) in enumerate([("What is 2+2?", "4", "5"), ("Name a color.", "Blue.", "Seven.")])]
+    path = tmp_path / "train_prefs-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert data.load_pairs(path) == [
+        {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "score_chosen": 8.5, "score_rejected": 2.0},
+        {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven.", "score_chosen": 7.5, "score_rejected": 2.0}]
+    assert data.load_pairs(str(path), fmt="ufb") == data.load_pairs(path)
+    bad = rows + [dict(rows[0], rejected=rows[0]["rejected"][:1])]  # ends in the user's message
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="bad.parquet, row 3: key 'rejected'"):
+        data.load_pairs(tmp_path / "bad.parquet")
+    (tmp_path / "cut.parquet").write_bytes(path.read_bytes()[:200])  # a download cut short
+    with pytest.raises(ValueError, match="cut.parquet: not a readable parquet file"):
+        data.load_pairs(tmp_path / "cut.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # not installed: the import fails
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ValueError, match="parquet needs the package pyarrow"):
+        data.load_pairs(path)
 
 
 def test_plain_pairs_keep_numbers_and_unlabeled_pairs(tmp_path):

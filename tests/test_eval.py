@@ -63,3 +63,103 @@ def test_gra_command_against_transformers_generation_and_scoring(tiny_world, tmp
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["prompts"] == 20 and result["gra"] == pytest.approx(expected)
+
+
+def test_the_judge_reads_text_with_its_own_tokenizer(tiny_world, tmp_path, capsys):
+    """A judge with a tokenizer of its own (other merges, other ids): its scores are recomputed here with
+    transformers from the judge's folder alone. Bug caught: the judge fed the policy's token ids."""
+    import random
+    import transformers
+    import eval as gra
+    import world
+    from model import RewardModel, config_from_hf, save_model
+    judge = tmp_path / "judge"
+    rng = random.Random(7)
+    texts = [p.upper() + world.world_answer(p, rng)[::-1] for p in world.world_prompts(200, seed=7)]
+    jtok = world.train_tokenizer(texts, 400, str(judge))  # 400 ids as the policy's: a mix-up would not fail loudly
+    policy_tok = transformers.AutoTokenizer.from_pretrained(tiny_world["model"])
+    prompts = sorted({json.loads(line)["prompt"] for line in open(tiny_world["pairs"])})[:6]
+    assert [jtok.encode(p).ids for p in prompts] != [policy_tok(p).input_ids for p in prompts]
+    hf = json.load(open(os.path.join(tiny_world["model"], "config.json")))
+    hf.update(bos_token_id=jtok.bos_id, eos_token_id=jtok.eos_id, pad_token_id=jtok.pad_id)
+    torch.manual_seed(3)
+    save_model(RewardModel(config_from_hf(hf)), str(judge))
+    gra.main(gra.parse_args(["--policy", tiny_world["model"], "--sft", tiny_world["model"], "--judge", str(judge),
+                             "--prompts", tiny_world["pairs"], "--eval-prompts", "6", "--max-new-tokens", "6"]))
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lm = transformers.AutoModelForCausalLM.from_pretrained(tiny_world["model"]).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(judge))
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(judge)).eval()
+    scores = []
+    for prompt in prompts:
+        ids = torch.tensor([policy_tok(prompt).input_ids])
+        new = lm.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=policy_tok.eos_token_id,
+                          pad_token_id=policy_tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        answer = policy_tok.decode(new[:new.index(policy_tok.eos_token_id)] if policy_tok.eos_token_id in new else new)
+        seq = tok(prompt).input_ids + tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        with torch.no_grad():
+            scores.append(rm(torch.tensor([seq])).logits[0, 0].item())
+    assert result["prompts"] == 6 and result["gra"] == 50.0  # the policy against itself
+    assert result["mean_reward"] == pytest.approx(np.mean(scores), rel=1e-4, abs=1e-5)
+
+
+def cli_line(argv, capsys):
+    """What `eval.py ARGV` says before any work: argparse's line, or run_script's `error: ...`."""
+    import eval as gra
+    import train_policy
+    with pytest.raises(SystemExit) as info:
+        train_policy.run_script(gra.main, gra.parse_args(argv))
+    return str(info.value.code) + capsys.readouterr().err
+
+
+def test_bad_flags_are_one_line_before_any_work(tiny_world, tmp_path, capsys):
+    from model import GPT, RewardModel, config_from_hf, load_model, save_model
+    out = tmp_path / "experiment"
+    gra = ["--policy", tiny_world["model"], "--sft", tiny_world["model"], "--prompts", tiny_world["pairs"]]
+    lm_judge = ["--judge", tiny_world["model"]]  # a causal LM folder: no score.weight
+    gpt2 = dict(model_type="gpt2", vocab_size=400, n_embd=16, n_layer=1, n_head=2, n_positions=64)
+    save_model(GPT(config_from_hf(gpt2)), str(tmp_path / "gpt2"))
+    save_model(load_model(tiny_world["model"], reward=True), str(tmp_path / "judge"))
+    save_model(RewardModel(config_from_hf(gpt2)), str(tmp_path / "gpt2-judge"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_world["model"], name), tmp_path / "gpt2" / name)
+    cases = [  # (flags, what the line must say); the bug each catches: a traceback, NaN results or a silent run
+        (gra + lm_judge, "lacks tensor 'score.weight': a trained scalar head is needed"),  # GRA 0 or 100 at random
+        (gra[:2] + gra[4:], "--policy, --sft, --judge and --prompts go together; given only --policy, --prompts"),
+        (gra[:2], "given only --policy"),  # AttributeError: a None path
+        (["--judge", str(tmp_path / "judge")], "given only --judge"),  # ran the 8-minute experiment instead
+        (["--eval-prompts", "0"], "argument --eval-prompts: must be a positive integer"),  # a table of NaN
+        (["--seeds", "0"], "argument --seeds: must be a positive integer"),  # "min() arg is an empty sequence"
+        (["--samples", "0"], "argument --samples: must be a positive integer"),  # "cannot reshape"
+        (["--beta", "-1"], "argument --beta: must be a positive number"),
+        (["--lr", "0"], "argument --lr: must be a positive number"),
+        (["--out", str(out), "--labeled-fraction", "0"], "--labeled-fraction 0.0 of --pairs 2000 leaves no labeled"),
+        (["--out", str(out), "--labeled-fraction", "1"], "leaves no labeled or no unlabeled pair"),  # torch.cat([])
+        (["--out", str(out), "--sweep", "--labeled-fraction", "0.2"], "leave out --labeled-fraction"),  # ignored
+        (["--policy", str(tmp_path / "gpt2"), "--sft", tiny_world["model"], "--prompts", tiny_world["pairs"],
+          "--judge", str(tmp_path / "judge"), "--max-new-tokens", "60"], "gpt2's max_position_embeddings 64"),
+        (gra + ["--judge", str(tmp_path / "gpt2-judge"), "--max-new-tokens", "60"],  # before generation, not after
+         "the prompts + --max-new-tokens + EOS exceed " + str(tmp_path / "gpt2-judge") + "'s max_position_embeddings"),
+    ]
+    for flags, message in cases:
+        line = cli_line(flags, capsys)
+        assert message in line and "Traceback" not in line, (flags, line)
+    assert not out.exists()  # nothing written: every check ran before the world was built
+
+
+def test_an_explicit_flag_wins_over_quick():
+    import eval as gra
+    args = gra.parse_args(["--quick", "--seeds", "1", "--pairs", "50"])  # bug: silently 2 seeds and 800 pairs
+    assert (args.seeds, args.pairs, args.eval_prompts, args.sft_examples) == (1, 50, 100, 800)
+    assert (gra.parse_args([]).seeds, gra.parse_args([]).pairs) == (5, 2000)
+
+
+def test_judge_scores_checks_the_lengths_it_reads(tiny_world):
+    # the judge re-tokenizes each answer: with a tokenizer of its own it may read more tokens than were generated
+    import eval as gra
+    from model import RewardModel, config_from_hf, load_tokenizer
+    gpt2 = dict(model_type="gpt2", vocab_size=400, n_embd=16, n_layer=1, n_head=2, n_positions=64)
+    judge, tok = RewardModel(config_from_hf(gpt2)), load_tokenizer(tiny_world["model"])
+    with pytest.raises(ValueError, match=r"the prompts \+ answers it reads exceed J's max_position_embeddings 64"):
+        gra.judge_scores("J", judge, tok, ["\n\nHuman: hi\n\nAssistant:"], [" Sure!" * 40], torch.device("cpu"))
+    assert len(gra.judge_scores("J", judge, tok, ["\n\nHuman: hi\n\nAssistant:"], [" Sure!"], torch.device("cpu"))) == 1

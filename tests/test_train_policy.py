@@ -153,8 +153,13 @@ def test_bad_sizes_files_and_options_are_one_clear_line(tiny_world, tmp_path, ca
     base = ["--model", tiny_world["model"], "--data", tiny_world["pairs"], "--out", str(tmp_path / "x")]
     gpt2 = dict(model_type="gpt2", vocab_size=400, n_embd=16, n_layer=1, n_head=2, n_positions=64)
     save_model(GPT(config_from_hf(gpt2)), str(tmp_path / "gpt2"))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tiny_world["model"], name), tmp_path / "gpt2" / name)
+    llama = json.load(open(os.path.join(tiny_world["model"], "config.json")))
+    save_model(GPT(config_from_hf(dict(llama, vocab_size=300))), str(tmp_path / "small-vocab"))
+    for folder in ("gpt2", "small-vocab"):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(tiny_world["model"], name), tmp_path / folder / name)
+    zero = tmp_path / "zero.jsonl"
+    zero.write_text("".join(json.dumps(dict(json.loads(line), confidence=0.0)) + "\n" for line in open(tiny_world["pairs"])))
     cases = [  # (flags, what the line must say); each bug: a traceback, or a wrong or empty message
         (["--batch-size", "0"], "must be a positive integer, got '0'"),      # ZeroDivisionError
         (["--batch-size", "-2"], "must be a positive integer, got '-2'"),    # trained nothing, exit 0
@@ -165,11 +170,30 @@ def test_bad_sizes_files_and_options_are_one_clear_line(tiny_world, tmp_path, ca
         (["--loss", "robust", "--loss-options", '{"label_smoothing": 0.5}'], "flip rate"),
         (["--loss-options", "[1]"], "must be a JSON object"),
         (["--model", str(tmp_path / "gpt2")], "max_position_embeddings 64"),  # IndexError in the position table
+        # settings that train nothing, or backwards, exit 0 without these checks
+        (["--beta", "0"], "--beta must be a positive number, got 0.0"),
+        (["--beta", "-1"], "--beta must be a positive number, got -1.0"),     # trains toward the rejected answers
+        (["--loss", "ipo", "--beta", "0"], "--beta must be a positive number"),  # ZeroDivisionError
+        (["--lr", "0"], "argument --lr: must be a positive number, got '0'"),
+        (["--max-grad-norm", "-1"], "argument --max-grad-norm: must be a positive number"),
+        (["--weighting", "top", "--top-fraction", "0"], "--top-fraction 0.0 leaves no pair"),  # "no training examples"
+        (["--model", str(tmp_path / "small-vocab")], "tokenizer.json has 400 tokens, more than the vocab_size 300"),
     ]
+    for normalize in ("mean", "sum_w"):  # all-zero confidences: no gradient in either mode
+        cases.append((["--data", str(zero), "--weighting", "confidence", "--normalize", normalize],
+                      f"{zero}: --weighting confidence leaves no pair with a weight above 0"))
     for flags, message in cases:
         line = cli_error(base + flags, capsys)
         assert message in line and "Traceback" not in line, (flags, line)
     assert not os.path.exists(tmp_path / "x" / "model.safetensors")
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as info:
+        train_policy.run_script(interrupted, None)
+    assert info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
 def test_weighting_modes(tiny_world):

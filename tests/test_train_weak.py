@@ -48,6 +48,7 @@ def test_annotator_report_matches_naive_computation():
 def test_annotator_learns_an_easy_preference_and_writes_its_files(tiny_world, tmp_path):
     pairs = [{"prompt": f"\n\nHuman: question {i}?\n\nAssistant:", "chosen": " Sure! Enjoy!", "rejected": " Ugh, whatever."}
              for i in range(60)]
+    pairs += [{"prompt": f"\n\nHuman: tie {i}?\n\nAssistant:", "chosen": " Sure!", "rejected": " Sure!"} for i in range(30)]
     (tmp_path / "easy.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     good, bad = " Sure! Enjoy!", " Ugh, whatever."
     unlabeled = [{"prompt": f"\n\nHuman: new {i}?\n\nAssistant:", "answer_a": (good, bad)[i % 2], "answer_b": (bad, good)[i % 2]}
@@ -60,12 +61,14 @@ def test_annotator_learns_an_easy_preference_and_writes_its_files(tiny_world, tm
     done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["accuracy"] == 1.0 and report["pairs"] == 10
+    ties = sum(p["chosen"] == p["rejected"] for p in map(json.loads, open(out / "splits" / "heldout.jsonl")))
+    assert ties > 0 and report["ties_left_out"] == ties  # bug: a tie counted as agreement (accuracy 1.0 on it)
+    assert report["accuracy"] == 1.0 and report["pairs"] == 10 - ties
     labels = [json.loads(line) for line in open(out / "weak_labels.jsonl")]
     assert len(labels) == 6 and all(label["chosen"] == good and label["rejected"] == bad for label in labels)
     assert all(0.0 <= label["confidence"] <= 1.0 for label in labels)
     splits = {name: sum(1 for _ in open(out / "splits" / f"{name}.jsonl")) for name in ("labeled", "human_pool", "heldout")}
-    assert splits == {"labeled": 25, "human_pool": 50, "heldout": 10}
+    assert splits == {"labeled": 40, "human_pool": 80, "heldout": 10}
     assert os.path.exists(out / "model.safetensors") and not any(f.endswith(".tmp") for f in os.listdir(out))
 
 
@@ -80,6 +83,16 @@ def test_gradient_checkpointing_reaches_the_annotators_decoder(tiny_world, tmp_p
                                            "--max-steps", "1", "--batch-size", "4"])
     train_weak.train_annotator(pairs, args, torch.device("cpu"), log=lambda *a: None)
     assert len(calls) == 2  # one per layer of the tiny model
+
+
+def test_a_report_on_ties_only_is_refused_before_training(tiny_world, tmp_path):
+    pairs = [{"prompt": f"\n\nHuman: q {i}?\n\nAssistant:", "chosen": " Same.", "rejected": " Same."} for i in range(20)]
+    (tmp_path / "ties.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    args = train_weak.parser().parse_args(["--model", tiny_world["model"], "--data", str(tmp_path / "ties.jsonl"),
+                                           "--out", str(tmp_path / "weak"), "--eval-size", "5"])
+    with pytest.raises(ValueError, match="ties.jsonl: every pair the report is on has two identical answers"):
+        train_weak.main(args)  # bug: ZeroDivisionError in the report, after training and saving the annotator
+    assert not (tmp_path / "weak").exists()
 
 
 def test_lora_annotator_trains_its_adapters_and_its_whole_head(tiny_world, tmp_path):

@@ -4,6 +4,7 @@ are written out by hand or computed by naive formulas here, never taken from wor
 import argparse
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import data
+import train_policy
 import world
 from tools import figures
 
@@ -237,3 +239,24 @@ def test_small_experiment_table_is_recomputed_from_results_and_world_checks_hold
     bins = figures.pooled_bins([s["annotator_vs_gold"]["bins"] for s in run["seeds"]])
     assert sum(b["pairs"] for b in bins) == sum(s["annotator_vs_gold"]["pairs"] for s in run["seeds"])
     assert (tmp_path / "reliability-30.svg").read_text().count("<rect") == 1 + len(bins)  # background + a bar a bin
+
+
+def test_experiment_checks_before_any_work_and_never_leaves_an_old_run_beside_a_new_one(tmp_path, monkeypatch):
+    old = ["results.json", "results.md", "gra-30.svg", "reliability-30.svg", "seed4/policy/config.json",
+           "sft/config.json", "notes.txt"]
+    for name in old:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("an earlier run")
+    args = argparse.Namespace(out=str(tmp_path), sweep=False, seeds=1, pairs=10, eval_prompts=5, samples=1,
+                              sft_examples=10, epochs=1, lr=1e-3, beta=0.3, labeled_fraction=0.0)
+    with pytest.raises(ValueError, match="--labeled-fraction 0.0 of --pairs 10 leaves no labeled"):
+        world.experiment(args)  # bug: "no training examples" after the world was built
+    with pytest.raises(ValueError, match="leave out --labeled-fraction"):  # bug: --sweep ignored the explicit flag
+        world.experiment(argparse.Namespace(**dict(vars(args), sweep=True, labeled_fraction=0.2)))
+    assert all((tmp_path / name).exists() for name in old)  # refused before anything was touched
+    # stopped with Ctrl-C while the world is built: one line, status 130, and the old results are gone
+    monkeypatch.setattr(world, "build_world", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    args.labeled_fraction = 0.3
+    with pytest.raises(SystemExit) as info:
+        train_policy.run_script(world.experiment, args)
+    assert info.value.code == 130 and sorted(os.listdir(tmp_path)) == ["notes.txt"]  # the user's own file stays

@@ -13,18 +13,16 @@ from xml.sax.saxutils import escape
 W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 400, 60, 20, 40, 50  # canvas and margins, in pixels
 
 
-def _svg(path, width, height, title, body):
+def _svg(width, height, title, body):
     head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
             f'font-size="12"><rect width="100%" height="100%" fill="white"/>'
             f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(head + "".join(body) + "</svg>\n")
+    return head + "".join(body) + "</svg>\n"
 
 
-def reliability_svg(bins, path, title):
-    """bins: train_weak.annotator_report(...)["bins"] (p_lo, p_hi, pairs, mean_p, accuracy). A bar per bin at its
-    accuracy, a dot at its mean BT probability (on the diagonal if calibrated), the pair count above the bar."""
+def reliability_svg(bins, title):
+    """bins: train_weak.annotator_report(...)["bins"] (p_lo, p_hi, pairs, mean_p, accuracy) -> the SVG text: a bar
+    per bin at its accuracy, a dot at its mean BT probability (on the diagonal if calibrated), the pair count."""
     x = lambda p: LEFT + (p - 0.5) / 0.5 * (W - LEFT - RIGHT)  # noqa: E731  p in [0.5, 1]
     y = lambda a: H - BOTTOM - a * (H - TOP - BOTTOM)  # noqa: E731  accuracy in [0, 1]
     body = [f'<line x1="{x(0.5)}" y1="{y(0.5)}" x2="{x(1)}" y2="{y(1)}" stroke="gray" stroke-dasharray="4"/>']
@@ -40,12 +38,12 @@ def reliability_svg(bins, path, title):
     body += [f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">BT probability of the weak label, (1 + C) / 2'
              f'</text>', f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" text-anchor="middle">'
              'accuracy vs gold (bars; dots: mean probability; numbers: pairs)</text>']
-    _svg(path, W, H, title, body)
+    return _svg(W, H, title, body)
 
 
-def gra_svg(rows, path, title, reference=None):
-    """rows: {method: {"gra", "lo", "hi"}}: one horizontal interval per method, a line at 50 (the SFT model) and
-    a dotted line at the reference method's mean."""
+def gra_svg(rows, title, reference=None):
+    """rows: {method: {"gra", "lo", "hi"}} -> the SVG text: one horizontal interval per method (none where lo is
+    null: one seed), a dot at its mean, a line at 50 (the SFT model) and a dotted line at the reference's mean."""
     row_h, left = 24, 230
     height = TOP + BOTTOM + row_h * len(rows)
     x = lambda g: left + g / 100 * (W - left - RIGHT)  # noqa: E731  GRA in [0, 100]
@@ -54,16 +52,16 @@ def gra_svg(rows, path, title, reference=None):
         body.append(f'<line x1="{x(rows[reference]["gra"])}" y1="{TOP}" x2="{x(rows[reference]["gra"])}" '
                     f'y2="{height - BOTTOM}" stroke="gray" stroke-dasharray="3"/>')
     for i, (name, r) in enumerate(rows.items()):
-        cy = TOP + row_h * (i + 0.5)
+        cy, (lo, hi) = TOP + row_h * (i + 0.5), (r["gra"], r["gra"]) if r["lo"] is None else (r["lo"], r["hi"])
         body += [f'<text x="{left - 8}" y="{cy + 4}" text-anchor="end">{escape(name)}</text>',
-                 f'<line x1="{x(r["lo"])}" y1="{cy}" x2="{x(r["hi"])}" y2="{cy}" stroke="steelblue" stroke-width="3"/>',
+                 f'<line x1="{x(lo)}" y1="{cy}" x2="{x(hi)}" y2="{cy}" stroke="steelblue" stroke-width="3"/>',
                  f'<circle cx="{x(r["gra"])}" cy="{cy}" r="4" fill="darkorange"/>',
-                 f'<text x="{x(r["hi"]) + 6}" y="{cy + 4}" font-size="10">{r["gra"]:.1f}</text>']
+                 f'<text x="{x(hi) + 6}" y="{cy + 4}" font-size="10">{r["gra"]:.1f}</text>']
     for g in range(0, 101, 25):
         body.append(f'<text x="{x(g)}" y="{height - BOTTOM + 16}" text-anchor="middle">{g}</text>')
     body.append(f'<text x="{(left + W) / 2}" y="{height - 12}" text-anchor="middle">GRA % against the SFT model '
                 f'(mean over seeds, 95 % t-interval; solid line: 50)</text>')
-    _svg(path, W, height, title, body)
+    return _svg(W, height, title, body)
 
 
 def pooled_bins(bin_lists):
@@ -81,9 +79,14 @@ def pooled_bins(bin_lists):
     return [merged[k] for k in sorted(merged)]
 
 
+def _interval(mean, lo, hi, sign=""):
+    """"5.0 [1.2, 8.8]", or "5.0" alone where the bounds are null (one seed)."""
+    return f"{mean:{sign}.1f}" + ("" if lo is None else f" [{lo:{sign}.1f}, {hi:{sign}.1f}]")
+
+
 def _interval_cells(r, reference_row):
-    diff = "" if reference_row else f"{r['diff']:+.1f} [{r['diff_lo']:+.1f}, {r['diff_hi']:+.1f}]"
-    return f"{r['gra']:.1f} [{r['lo']:.1f}, {r['hi']:.1f}] | {diff}"
+    diff = "" if reference_row else _interval(r["diff"], r["diff_lo"], r["diff_hi"], "+")
+    return f"{_interval(r['gra'], r['lo'], r['hi'])} | {diff}"
 
 
 def results_markdown(results, reference):
@@ -125,31 +128,52 @@ def results_markdown(results, reference):
                       "", "| human noise | labeled | claim (judge) | paired difference [95 % CI] | verdict |",
                       "|---|---|---|---|---|"]
         parts.append("\n".join(head_lines +
-                               [f"| {run['noise']} | {run['labeled_fraction']:.0%} | {claim} | {c['diff']:+.1f} "
-                                f"[{c['lo']:+.1f}, {c['hi']:+.1f}] | {c['verdict']} |" for run, claim, c in claims]))
+                               [f"| {run['noise']} | {run['labeled_fraction']:.0%} | {claim} | "
+                                f"{_interval(c['diff'], c['lo'], c['hi'], '+')} | {c['verdict']} |" for run, claim, c in claims]))
     return "\n\n".join([head] + parts)
 
 
-def write_figures(results, out_dir):
-    """reliability-NN.svg, gra-NN.svg (the program judges) and gra-judge-NN.svg (the learned judge) for each labeled
-    fraction NN % of a results.json dict, with "-systematic" before ".svg" for systematic human noise; -> the paths."""
-    paths = []
+def render_figures(results):
+    """{file name: SVG text}: reliability-NN.svg, gra-NN.svg (the program judge) and gra-judge-NN.svg (the learned
+    judge) for each labeled fraction NN % of a results.json dict, with "-systematic" before ".svg" for systematic
+    human noise; every one drawn before any is written, so that a malformed results file writes none."""
+    figures = {}
     for run in results["runs"]:
         pct, n = round(100 * run["labeled_fraction"]), len(run["seeds"])
         noise = "" if run["noise"] == "random" else f"-{run['noise']}"
         bins = pooled_bins([s["annotator_vs_gold"]["bins"] for s in run["seeds"]])
-        paths.append(os.path.join(out_dir, f"reliability-{pct}{noise}.svg"))
-        reliability_svg(bins, paths[-1], f"Weak annotator ({pct} % labels, {run['noise']} human noise), unlabeled "
-                        f"pairs of {n} seeds")
+        figures[f"reliability-{pct}{noise}.svg"] = reliability_svg(
+            bins, f"Weak annotator ({pct} % labels, {run['noise']} human noise), unlabeled pairs of {n} seeds")
         for summary, judge, name in (("summary", "program", "gra"), ("summary_judge", "learned judge", "gra-judge")):
-            paths.append(os.path.join(out_dir, f"{name}-{pct}{noise}.svg"))
-            gra_svg(run[summary], paths[-1], f"GRA under the {judge}, {pct} % labeled, {run['noise']} human noise, "
-                    f"{n} seeds", "DPO, human 100 %")
-    return paths
+            figures[f"{name}-{pct}{noise}.svg"] = gra_svg(run[summary], f"GRA under the {judge}, {pct} % labeled, "
+                                                          f"{run['noise']} human noise, {n} seeds", "DPO, human 100 %")
+    return figures
+
+
+def write_figures(figures, out_dir):
+    """Write render_figures' SVGs into out_dir -> their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name, text in figures.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write(text)
+    return [os.path.join(out_dir, name) for name in figures]
+
+
+def main(argv):
+    """results.json -> its figures; a missing, truncated or malformed file is one line, and no figure written."""
+    if len(argv) != 2:
+        raise SystemExit(__doc__)
+    try:
+        with open(argv[0]) as f:
+            figures = render_figures(json.load(f))
+        print("\n".join(write_figures(figures, argv[1])))
+    except OSError as e:
+        raise SystemExit(f"error: {e}")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {argv[0]}: not valid JSON ({e})")
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise SystemExit(f"error: {argv[0]}: not a results.json of eval.py (missing or malformed key: {e!r})")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
-    with open(sys.argv[1]) as f:
-        print("\n".join(write_figures(json.load(f), sys.argv[2])))
+    main(sys.argv[1:])

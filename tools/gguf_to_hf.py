@@ -17,6 +17,7 @@ exactly what llama.cpp computes with, not the original weights (Q4_1 keeps about
 """
 import argparse
 import json
+import math
 import os
 import pathlib
 import struct
@@ -75,13 +76,15 @@ class _Reader:
     """Sequential little-endian reads from a binary file; a short read is a truncated file."""
 
     def __init__(self, f, path):
-        self.f, self.path = f, path
+        self.f, self.path, self.size = f, path, os.fstat(f.fileno()).st_size
+
+    def check_left(self, n):  # a corrupt length (2^62) is refused before it is allocated
+        if n > self.size - self.f.tell():
+            raise ValueError(f"{self.path}: truncated at byte {self.f.tell()} (wanted {n} more bytes)")
 
     def bytes(self, n):
-        b = self.f.read(n)
-        if len(b) != n:
-            raise ValueError(f"{self.path}: truncated at byte {self.f.tell()} (wanted {n} more bytes)")
-        return b
+        self.check_left(n)
+        return self.f.read(n)
 
     def scalar(self, fmt):
         return struct.unpack(fmt, self.bytes(struct.calcsize(fmt)))[0]
@@ -102,6 +105,7 @@ class _Reader:
             return self.string()
         if vtype == ARRAY:
             etype, count = self.scalar("<I"), self.scalar("<Q")
+            self.check_left(count)  # every element takes at least one byte
             if etype in SCALAR_FORMATS and etype != 7:  # numbers in one read
                 fmt = SCALAR_FORMATS[etype]
                 return np.frombuffer(self.bytes(count * struct.calcsize(fmt)), dtype=np.dtype(fmt)).tolist()
@@ -131,11 +135,13 @@ def read_gguf(path):
             type_id, offset = r.scalar("<I"), r.scalar("<Q")
             infos.append((name, dims, GGML_TYPES.get(type_id, f"type {type_id}"), offset))
         alignment = metadata.get("general.alignment", 32)
+        if type(alignment) is not int or alignment < 1:
+            raise ValueError(f"{path}: metadata key 'general.alignment' must be a positive integer, got {alignment!r}")
         data_start = -(-f.tell() // alignment) * alignment
-        size = os.fstat(f.fileno()).st_size
+        size = r.size
     tensors = {}
     for name, dims, ggml_type, offset in infos:
-        count = int(np.prod(dims))
+        count = math.prod(dims)  # Python integers: a corrupt dimension cannot overflow into a small count
         block, block_bytes = BLOCKS.get(ggml_type, (1, 0))  # an unsupported type is reported when it is read
         if dims and dims[0] % block:
             raise ValueError(f"{path}: tensor {name!r} has rows of {dims[0]} values, not a multiple of the "
@@ -331,6 +337,8 @@ def _atomic_write(path, write):
 
 def convert(gguf_path, out_dir):
     """GGUF file -> Hugging Face folder. Everything is built in memory and checked before the first file is written."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir}: the output path exists and is not a folder")
     gguf = read_gguf(gguf_path)
     config = llama_config(gguf)
     tok = build_tokenizer(gguf)
@@ -359,7 +367,7 @@ def main():
     args = p.parse_args()
     try:
         summary = convert(args.gguf, args.out)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, OSError) as e:  # bad input (a directory, a file in the output's place): one line
         raise SystemExit(f"error: {e}")
     print(f"wrote {args.out}: {json.dumps(summary)}")
 
