@@ -359,7 +359,10 @@ def test_resume_from_a_damaged_or_foreign_checkpoint_is_one_line(tiny_world, tmp
     model, out = tmp_path / "model", tmp_path / "out"
     shutil.copytree(tiny_world["model"], model)
     argv = main_argv(tiny_world, out, "--model", str(model), "--resume")
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1}\n')  # a run killed before its first checkpoint
     train_policy.run_script(train_policy.main, train_policy.parser().parse_args(argv))  # leaves checkpoint-1
+    assert [json.loads(r)["step"] for r in open(out / "log.jsonl")] == [1, 2]  # bug: 1, 1, 2
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # a kill in the middle of a line; bug: "Unterminated string", no file named
     train_policy.run_script(train_policy.main, train_policy.parser().parse_args(argv))
