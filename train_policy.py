@@ -30,7 +30,6 @@ from model import atomic_write, load_model, load_tokenizer, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "log.jsonl") + TOKENIZER_FILES
-GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU only
 UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every")  # settings a resumed run may change
 
 def distributed():
@@ -58,50 +57,43 @@ def shard(model, world_size, device):
         group.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
     return model
 
-def block_linears(cfg):
-    """(in, out) of each linear layer of one block, by its --lora-modules name."""
-    d, attn = cfg.d_model, cfg.n_head * cfg.head_dim
-    shapes = {"qkv": (d, attn + 2 * cfg.n_kv_head * cfg.head_dim), "o": (attn, d), "up": (d, cfg.d_ff), "down": (cfg.d_ff, d)}
-    return dict(shapes, gate=(d, cfg.d_ff)) if cfg.rope else shapes
-
-def parameter_groups(cfg, reward=False):
-    """Parameter counts of model.GPT (or RewardModel) from its Config, without building it: {"root": embeddings,
-    final norm and heads; "block": one block}, FSDP's groups."""
-    linears = block_linears(cfg)
-    biases = {"qkv": cfg.qkv_bias, "o": cfg.o_bias, "gate": cfg.mlp_bias, "up": cfg.mlp_bias, "down": cfg.mlp_bias}
-    norm = cfg.d_model * (1 if cfg.rope else 2)  # RMSNorm: a weight; LayerNorm: weight and bias
-    block = sum(i * o + o * biases[name] for name, (i, o) in linears.items()) + 2 * norm
-    emb = cfg.proj_dim or cfg.d_model
-    root = cfg.vocab_size * emb + norm * cfg.final_norm + 2 * emb * cfg.d_model * bool(cfg.proj_dim)
-    root += 0 if cfg.rope else (cfg.max_pos + 2 * (cfg.model_type == "opt")) * cfg.d_model
-    root += emb if reward else cfg.vocab_size * emb * (not cfg.tie_word_embeddings)
-    return {"root": root, "block": block}
+def parameter_counts(cfg, reward=False, lora_rank=0, lora_modules=()):
+    """Parameters of model.GPT (or RewardModel) counted from its Config, without building it -> (root: embeddings,
+    final norm and heads; one block; the LoRA adapters of one block). Root and blocks are FSDP's groups."""
+    d, attn, norm = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.d_model * (1 if cfg.rope else 2)  # LayerNorm: + bias
+    linears = {"qkv": (d, attn + 2 * cfg.n_kv_head * cfg.head_dim, cfg.qkv_bias), "o": (attn, d, cfg.o_bias),
+               "gate": (d, cfg.d_ff * cfg.rope, cfg.mlp_bias), "up": (d, cfg.d_ff, cfg.mlp_bias),
+               "down": (cfg.d_ff, d, cfg.mlp_bias)}  # gate: SwiGLU families only
+    block = sum(i * o + o * bias for i, o, bias in linears.values()) + 2 * norm
+    adapters = sum(lora_rank * (i + o) for name, (i, o, _) in linears.items() if name in lora_modules and o)
+    emb = cfg.proj_dim or d
+    root = cfg.vocab_size * emb + norm * cfg.final_norm + 2 * emb * d * bool(cfg.proj_dim)
+    root += 0 if cfg.rope else (cfg.max_pos + 2 * (cfg.model_type == "opt")) * d
+    return root + (emb if reward else cfg.vocab_size * emb * (not cfg.tie_word_embeddings)), block, adapters
 
 def memory_estimate(cfg, world_size=1, lora_rank=0, lora_modules=(), base_bytes=4, grad_accum=1, reward=False):
     """Bytes per rank of weights, gradients and AdamW state (fp32 trainable parameters: 4 + 4 + 8 bytes each; a
     LoRA base frozen at base_bytes), activations aside. Under FSDP each rank holds 1/world_size of every tensor
-    plus, while a group runs, its gathered parameters and gradients ("gathered"); with --grad-accum > 1 the
-    gradients stay whole until the last micro-batch."""
-    groups = parameter_groups(cfg, reward)
-    total = groups["root"] + cfg.n_layer * groups["block"]
-    adapters = sum(lora_rank * (i + o) for name, (i, o) in block_linears(cfg).items() if name in lora_modules)
+    plus the largest group whole while it runs ("gathered": its parameters, their gradients and the flat buffer
+    these are copied into for the reduce-scatter); with --grad-accum > 1 the gradients stay whole until the last
+    micro-batch."""
+    root, block, adapters = parameter_counts(cfg, reward, lora_rank, lora_modules)
+    total = root + cfg.n_layer * block
     trainable = cfg.n_layer * adapters if lora_rank else total
-    weights = (total * base_bytes + trainable * 4) if lora_rank else total * 4
-    unsharded = max(groups["root"], groups["block"]) if world_size > 1 else 0
+    weights = total * base_bytes + trainable * 4 if lora_rank else total * 4
+    gathered = max(root, block) * (base_bytes if lora_rank else 12) if world_size > 1 else 0
     return {"weights": weights / world_size, "gradients": trainable * 4 / (world_size if grad_accum == 1 else 1),
-            "optimizer": trainable * 8 / world_size, "gathered": unsharded * (base_bytes if lora_rank else 8),
-            "parameters": total, "trainable": trainable}
+            "optimizer": trainable * 8 / world_size, "gathered": gathered, "parameters": total, "trainable": trainable}
 
 def memory_line(cfg, args, world_size, device, reward=False):
-    """The estimate for these settings, as one line printed at start."""
+    """The estimate for these settings, as the line each script prints at start."""
     rank, modules = getattr(args, "lora_rank", 0), getattr(args, "lora_modules", "")  # LoRA's flags, where present
-    base_bytes = 2 if rank and device.type == "cuda" else 4  # LoRA keeps a frozen base in bf16 on CUDA
-    est = memory_estimate(cfg, world_size, rank, modules.split(",") if modules else (), base_bytes, args.grad_accum,
-                          reward)
+    est = memory_estimate(cfg, world_size, rank, modules.split(",") if modules else (),
+                          2 if rank and device.type == "cuda" else 4, args.grad_accum, reward)  # bf16 LoRA base on CUDA
     kinds = ("weights", "gradients", "optimizer", "gathered")
-    parts = " + ".join(f"{k} {est[k] / 2**30:.2f}" for k in kinds)
     return (f"memory per rank ({est['parameters'] / 1e6:.1f}M parameters, {est['trainable'] / 1e6:.1f}M trained, "
-            f"{world_size} rank(s)): {parts} = {sum(est[k] for k in kinds) / 2**30:.2f} GiB, activations aside")
+            f"{world_size} rank(s)): " + " + ".join(f"{k} {est[k] / 2**30:.2f}" for k in kinds) +
+            f" = {sum(est[k] for k in kinds) / 2**30:.2f} GiB, activations aside")
 
 def pair_weights(pairs, weighting, top_fraction):
     """-> (pairs, weights): CW-PO's confidence, all ones, or the top-N % most confident pairs with weight 1."""
@@ -162,17 +154,14 @@ def settings(args):
     """What decides a run's result (model, data, every training flag): stored in its checkpoints, compared on resume."""
     return {k: v for k, v in sorted(vars(args).items()) if k not in UNCOMPARED}
 
-def trainable_state(model, optimizer):
-    """The parameters that train (all of them, or LoRA's adapters) and their AdamW state, gathered whole to rank 0
-    (a collective: every rank calls it; the others get empty dicts)."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
-
 def save_checkpoint(model, optimizer, step, args, rank):
-    """The trainable state of one step, written into a temporary folder that one rename makes OUT/checkpoint-STEP:
-    a kill at any moment leaves the previous checkpoint whole. Older ones are removed."""
-    params, optim = trainable_state(model, optimizer)
-    if rank != 0:
+    """The parameters that train (all, or LoRA's adapters) and their AdamW state, gathered whole to rank 0 and
+    written into a temporary folder that one rename makes OUT/checkpoint-STEP: a kill at any moment leaves the
+    previous checkpoint whole. Older ones are removed."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    params = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    if rank != 0:  # every rank took part in gathering
         return
     tmp = os.path.join(args.out, f"checkpoint-{step}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -212,19 +201,18 @@ def resume(model, optimizer, args, log):
     log(f"resumed from {found[-1]} at step {state['step']}")
     return state["step"]
 
-def trim_log(out, step):
-    """Keep log.jsonl's records up to `step` (none for a fresh run), so that a step run again after a kill is logged
-    once; a half line that a kill left is dropped."""
-    path, kept = os.path.join(out, "log.jsonl"), []
+def tidy(out, step):
+    """Remove what a killed save left (checkpoint-STEP.tmp, atomic_write's *.tmp) and keep log.jsonl's records up
+    to `step` (none for a fresh run): a step run again after a kill is logged once; a last line without its newline
+    is half a record that a kill left."""
+    for leftover in (n for n in os.listdir(out) if n.endswith(".tmp")):
+        remove(os.path.join(out, leftover))
+    path = os.path.join(out, "log.jsonl")
     lines = open(path).read().splitlines(keepends=True) if os.path.exists(path) and step else []
-    for number, line in enumerate(lines, 1):
-        if not line.endswith("\n"):
-            break
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, TypeError, KeyError):
-            raise ValueError(f"{path}, line {number}: not a log record") from None
+    try:
+        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        raise ValueError(f"{path}: not a log of train_policy.py (a line is not a record with a step)") from None
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
 
 def claim(out, outputs, args):
@@ -248,8 +236,6 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
     if not examples:
         raise ValueError("no training examples")
     os.makedirs(args.out, exist_ok=True)
-    for leftover in (n for n in os.listdir(args.out) if n.endswith(".tmp") and rank == 0):
-        remove(os.path.join(args.out, leftover))  # a checkpoint folder or a file that a killed save left
     getattr(model, "body", model).grad_checkpointing = args.grad_checkpointing  # a RewardModel's decoder is .body
     model = shard(model, world_size, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -261,7 +247,7 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
     step = resume(model, optimizer, args, log) if args.resume else 0
     if rank == 0:
-        trim_log(args.out, step)
+        tidy(args.out, step)
     t0, seen_tokens, first = time.time(), 0, step
     model.train()
     while step < total:
@@ -357,7 +343,7 @@ def main(args):
         ld_alpha = args.loss_options.get("ld_alpha")
         add_reference_logps(model, examples, tok.pad_id, micro_size, device, ld_alpha, args.bf16)
     model = train(model, examples, tok.pad_id, args, OBJECTIVES[args.objective], rank, world_size, device)
-    state = get_model_state_dict(model, options=GATHER)  # a collective; a sharded model's whole tensors on rank 0
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0
     if rank == 0:
         for name in TOKENIZER_FILES:  # the policy folder is a complete checkpoint; config.json is written last
             if os.path.exists(os.path.join(args.model, name)):

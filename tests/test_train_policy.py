@@ -369,7 +369,7 @@ def test_resume_from_a_damaged_or_foreign_checkpoint_is_one_line(tiny_world, tmp
     assert [json.loads(r)["step"] for r in open(out / "log.jsonl")] == [1, 2]
     log = (out / "log.jsonl").read_text()
     (out / "log.jsonl").write_text("{oops\n" + log)
-    assert "log.jsonl, line 1" in cli_error(argv, capsys)
+    assert "log.jsonl: not a log" in cli_error(argv, capsys)
     (out / "log.jsonl").write_text(log)
     state = out / "checkpoint-1" / "train_state.pt"
     whole = state.read_bytes()
