@@ -3,8 +3,8 @@
 Paper: "When Weak LLMs Speak with Confidence, Preference Alignment Gets Stronger" (Afzali, Jeon, Brbic;
 ICLR 2026; arXiv 2603.04968). Read in order, the method first and the machinery last: the weak labels
 (`confidence`, `top_fraction_mask`, and `bt_loss`, the annotator's objective); CW-PO (`weighted_mean`, the
-objective E[C * l], and `batch_loss`); the pairwise losses l, one small function each, dispatched by
-`preference_loss` and defined as TRL 1.16's trainers define them (tested against them in tests/test_cwpo_trl.py);
+objective E[C * l], `batch_loss`, and `win_rate`, the paper's Gold Reward Accuracy); the pairwise losses l, one
+small function each, dispatched by `preference_loss` and defined as TRL 1.16's trainers define them (tested against them in tests/test_cwpo_trl.py);
 `sequence_logps`, the one log-prob function every script calls; the fused LM-head kernel behind it. Every piece
 is a pure function of tensors (or an autograd Function) and imports only torch, so each can be copied alone.
 
@@ -116,6 +116,16 @@ def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="si
                    "margin": (chosen_rewards - rejected_rewards).mean().item(),
                    "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item()}
     return loss, metrics
+
+def win_rate(policy_rewards, sft_rewards, n_boot=2000, seed=0):
+    """Gold Reward Accuracy (arXiv 2603.04968, GRA) in %: over held-out prompts, a gold judge's reward of the aligned
+    policy's answer against the SFT model's, GRA = mean([policy > sft] + 0.5 [policy == sft]), with a bootstrap 95 %
+    interval (percentiles of n_boot resampled means). policy_rewards, sft_rewards [P] -> {"gra", "lo", "hi"}."""
+    policy, sft = torch.as_tensor(policy_rewards).double(), torch.as_tensor(sft_rewards).double()
+    wins = (policy > sft).double() + 0.5 * (policy == sft).double()
+    resampled = torch.randint(len(wins), (n_boot, len(wins)), generator=torch.Generator().manual_seed(seed))
+    lo, hi = torch.quantile(wins[resampled].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"gra": 100 * wins.mean().item(), "lo": 100 * lo, "hi": 100 * hi}
 
 # ----------------------------------------------------------------------------------- Pairwise preference losses
 # Per pair [B]. Notation: u+ = log pi(y+|x) - log pi_ref(y+|x), u- likewise, s(u) the f-divergence score

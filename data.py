@@ -1,19 +1,12 @@
 """Data for CW-PO: loaders, the labeled / unlabeled / held-out split, the one tokenization path and batch
-layout (see collate), and the built-in synthetic world whose gold reward is a program."""
+layout (see collate). The built-in synthetic world is world.py."""
 import gzip
 import json
-import math
 import os
-import pathlib
-import random
-import re
 import sys
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-from model import atomic_write
 
 ASSISTANT = "\n\nAssistant:"
 
@@ -214,111 +207,3 @@ def iterate_batches(examples, batch_size, seed=None):
     order = np.arange(len(examples)) if seed is None else np.random.default_rng(seed).permutation(len(examples))
     for start in range(0, len(order), batch_size):
         yield [examples[i] for i in order[start: start + batch_size]]
-
-# ----------------------------------------------------------------------------- the built-in world
-# A person asks for a snack, a drink or a dinner, says which taste they like, and sometimes asks for a short
-# answer. The assistant recommends one item of a 3 x 4 menu (one item per category and taste), may say what it
-# tastes like (truly or not), politely or rudely, with or without filler. gold_reward reads prompt and answer.
-
-CATEGORIES, TASTES = ("snack", "drink", "dinner"), ("sweet", "salty", "spicy", "sour")
-MENU = {  # item: (category, taste)
-    "caramel popcorn": ("snack", "sweet"), "salted pretzels": ("snack", "salty"), "chili chips": ("snack", "spicy"),
-    "lemon candy": ("snack", "sour"), "hot chocolate": ("drink", "sweet"), "tomato juice": ("drink", "salty"),
-    "ginger tea": ("drink", "spicy"), "lemonade": ("drink", "sour"), "honey chicken": ("dinner", "sweet"),
-    "cheese pasta": ("dinner", "salty"), "chicken curry": ("dinner", "spicy"), "noodle salad": ("dinner", "sour"),
-}
-ASK = ("Can you suggest a {}?", "I want a {} for tonight.", "What {} should I get?")
-LIKE = ("I like {} food.", "I am in the mood for something {}.")
-POLITE, RUDE = ("Sure!", "Happy to help!", "Enjoy!"), ("Ugh, fine.", "Whatever.", "Figure it out yourself.")
-FILLER = ("Many people like it.", "It is very popular.", "You can find it anywhere.")
-
-def parse_request(prompt):
-    """What the person asks for: {"category", "like", "brief"} (None where not said)."""
-    text = prompt.rsplit("Human:", 1)[-1].lower()
-    category = re.search(r"\b(" + "|".join(CATEGORIES) + r")\b", text)
-    like = re.search(r"\b(?:like|something) (" + "|".join(TASTES) + r")\b", text)
-    return {"category": category and category.group(1), "like": like and like.group(1), "brief": "short" in text}
-
-def gold_reward(prompt, answer):
-    """The world's gold judge: a program reading the prompt and the answer; never raises on a string.
-    r = 1.5 [the first item named is of the asked category] - 1.5 [it is not]      (no item named: -3)
-        + 1.0 [its taste is the liked one] - 1.0 [a taste claim "It is t." is false]
-        + 0.5 [polite] - 1.0 [rude] - 0.5 * (filler sentences, or 1.0 each if asked to keep it short)
-    """
-    request, text = parse_request(prompt), str(answer).lower()
-    named = sorted((text.find(item), item) for item in MENU if item in text)
-    if not named:
-        reward = -3.0
-    else:
-        category, taste = MENU[named[0][1]]
-        reward = 1.5 if category == request["category"] else -1.5
-        reward += 1.0 * (taste == request["like"])
-        reward -= 1.0 * any(claim != taste for claim in re.findall(r"\bit is (" + "|".join(TASTES) + r")\b", text))
-    reward += 0.5 * any(w.lower() in text for w in POLITE) - 1.0 * any(w.lower() in text for w in RUDE)
-    reward -= (1.0 if request["brief"] else 0.5) * sum(text.count(f.lower()) for f in FILLER)
-    return float(reward)
-
-def world_prompts(n, seed):
-    """n requests in HH-RLHF form "\\n\\nHuman: ...\\n\\nAssistant:"."""
-    rng = random.Random(seed)
-    prompts = []
-    for _ in range(n):
-        words = [rng.choice(ASK).format(rng.choice(CATEGORIES)), rng.choice(LIKE).format(rng.choice(TASTES))]
-        words += ["Please keep it short."] if rng.random() < 0.3 else []
-        prompts.append("\n\nHuman: " + " ".join(words) + ASSISTANT)
-    return prompts
-
-def world_answer(prompt, rng, care=None):
-    """A sampled answer: each part (the item's category, its taste, an honest claim, politeness, no filler) is
-    the good one with probability 0.2 + 0.7 care, else random; care (uniform in [0, 1] when None) makes careful
-    and careless writers, so an answer's parts agree in quality more often than chance. rng: random.Random.
-    The answer starts with a space, as after "Assistant:"."""
-    request, care = parse_request(prompt), rng.random() if care is None else care
-    good = lambda: rng.random() < 0.2 + 0.7 * care  # noqa: E731
-    category = request["category"] if good() else rng.choice(CATEGORIES)
-    taste = request["like"] if good() else rng.choice(TASTES)
-    item = next(name for name, (c, t) in MENU.items() if (c, t) == (category, taste))
-    parts = [rng.choice(POLITE[:2]) if good() else rng.choice(RUDE + ("",)), f"Try the {item}."]
-    if rng.random() < 0.6:
-        parts.append(f"It is {taste if good() else rng.choice(TASTES)}.")
-    parts += [] if good() else rng.sample(FILLER, rng.randint(1, 2))
-    parts.append("Enjoy!" if good() else "")
-    return " " + " ".join(p for p in parts if p)
-
-def human_temperature(gold_gaps, agreement=0.70):
-    """The Bradley-Terry temperature T at which noisy humans agree with the gold ranking at the given rate on
-    pairs with these gold gaps (ties left out): mean sigmoid(|gap| / T) = agreement, solved by bisection."""
-    gaps, lo, hi = np.abs(np.asarray(gold_gaps, dtype=float)), 1e-3, 1e3
-    for _ in range(60):  # agreement falls as T grows
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-gaps[gaps > 0] / mid))) > agreement else (lo, mid)
-    return mid
-
-def human_label(gold_a, gold_b, temperature, rng):
-    """A noisy human: True (a preferred) with Bradley-Terry probability sigmoid((gold_a - gold_b) / temperature),
-    written 0.5 * (1 + tanh(x / 2)) so it cannot overflow. rng: random.Random or a numpy Generator."""
-    if temperature <= 0:  # a perfect judge, ties broken at random
-        return gold_a > gold_b or (gold_a == gold_b and rng.random() < 0.5)
-    return rng.random() < 0.5 * (1.0 + math.tanh((gold_a - gold_b) / (2.0 * temperature)))
-
-# ----------------------------------------------------------------------------- tokenizer
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-
-def train_tokenizer(texts, vocab_size, out_dir):
-    """Train a byte-level BPE tokenizer (decode(encode(x)) == x for any text) on `texts`; write tokenizer.json and
-    tokenizer_config.json to out_dir (the HF layout); tok.encode(text) prepends BOS, as Llama's does.
-    Returns the tokenizers.Tokenizer with bos_id / eos_id / pad_id set."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-    os.makedirs(out_dir, exist_ok=True)
-    for name, text in (("tokenizer.json", tok.to_str()), ("tokenizer_config.json", json.dumps(config, indent=2))):
-        atomic_write(os.path.join(out_dir, name), lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
-    tok.bos_id, tok.eos_id, tok.pad_id = (tok.token_to_id(t) for t in (BOS, EOS, PAD))
-    return tok

@@ -253,12 +253,52 @@ class RewardModel(nn.Module):
         self.score = nn.Linear(cfg.proj_dim or cfg.d_model, 1, bias=False)
 
     def forward(self, input_ids, attention_mask=None):
-        hidden = self.body(input_ids, attention_mask, return_hidden=True)      # [B, T, d]
+        hidden = self.body(input_ids, attention_mask, return_hidden=True).to(self.score.weight.dtype)  # [B, T, d]
         if attention_mask is None:
             last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
         else:
             last = (attention_mask * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(-1)
         return self.score(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]).squeeze(-1).float()
+
+LORA_MODULES = {"qkv": "attn.qkv", "o": "attn.o", "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}
+
+class LoRALinear(nn.Module):
+    """y = W x + b + (alpha / r) B A x (LoRA, arXiv 2106.09685): the frozen nn.Linear (W, b) beside trainable fp32
+    A [r, in] (Kaiming-uniform, as nn.Linear's own init) and B [out, r] = 0: at the start y = W x + b exactly."""
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear, self.scale = linear, alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, linear.in_features, device=linear.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=5 ** 0.5)
+
+    def forward(self, x):  # the adapter in fp32 (or autocast's dtype), added in the base's dtype (bf16 on CUDA)
+        y = self.linear(x)
+        return y + (self.scale * F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b)).to(y.dtype)
+
+def apply_lora(model, rank, alpha, modules=tuple(LORA_MODULES)):
+    """Freeze `model`, wrap the named modules of every block in LoRALinear; a RewardModel's head trains, in fp32. The
+    fused q|k|v gets one A/B pair (as peft's on GPT-2's c_attn; litgpt's has one per q, k, v): a rank <= r update."""
+    model.requires_grad_(False)
+    for block in getattr(model, "body", model).h:
+        for name in modules:
+            owner, attr = LORA_MODULES[name].split(".")
+            owner = getattr(block, owner)
+            if getattr(owner, attr) is not None:  # GPT-2 and OPT have no gate
+                setattr(owner, attr, LoRALinear(getattr(owner, attr), rank, alpha))
+    if isinstance(model, RewardModel):
+        model.score.float().requires_grad_(True)
+    return model
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold each LoRALinear's (alpha / r) B A into its W (in fp32) and put the plain nn.Linear back, for save_model."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                child.linear.weight.copy_(child.linear.weight.float() + child.scale * child.lora_b @ child.lora_a)
+                setattr(module, name, child.linear)
+    return model
 
 # ------------------------------------------------------------------------------------------------ Checkpoint names
 # Our module -> the Hugging Face module(s) it is made of, per family, without the family prefix ("transformer." /
@@ -499,3 +539,14 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, to
         mask[:, P + t] = 1
         logits = model(nxt[:, None], mask[:, :P + t + 1], cache=cache, start=P + t)[:, -1]
     return [row[:row.index(eos_id)] if eos_id in row else row[:t + 1] for row in out.tolist()]
+
+def generate_answers(model, tok, prompt_ids, max_new_tokens=64, temperature=0.0, seed=0, batch_size=256):
+    """Decoded answers of `model` to each prompt (token-id lists, e.g. data.encode_prompt's), greedy by default."""
+    model.eval()
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    answers = []
+    for start in range(0, len(prompt_ids), batch_size):
+        new = generate(model, prompt_ids[start:start + batch_size], max_new_tokens, tok.eos_id, tok.pad_id,
+                       temperature=temperature, generator=generator)
+        answers += [tok.decode(a) for a in new]
+    return answers

@@ -26,11 +26,11 @@ from torch.distributed.tensor import DTensor
 
 import cwpo
 import data
-from model import atomic_write, load_model, load_tokenizer, save_model
+from model import LORA_MODULES, apply_lora, atomic_write, load_model, load_tokenizer, merge_lora, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "log.jsonl") + TOKENIZER_FILES
-UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every")  # settings a resumed run may change
+UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "max_steps", "epochs")  # a resumed run may change
 
 def distributed():
     """(rank, world size, device): torchrun's environment when present, else one process."""
@@ -91,7 +91,7 @@ def memory_line(cfg, args, world_size, device, reward=False):
     est = memory_estimate(cfg, world_size, rank, modules.split(",") if modules else (),
                           2 if rank and device.type == "cuda" else 4, args.grad_accum, reward)  # bf16 LoRA base on CUDA
     kinds = ("weights", "gradients", "optimizer", "gathered")
-    return (f"memory per rank ({est['parameters'] / 1e6:.1f}M parameters, {est['trainable'] / 1e6:.1f}M trained, "
+    return (f"memory per rank ({est['parameters'] / 1e6:.2f}M parameters, {est['trainable'] / 1e6:.2f}M trained, "
             f"{world_size} rank(s)): " + " + ".join(f"{k} {est[k] / 2**30:.2f}" for k in kinds) +
             f" = {sum(est[k] for k in kinds) / 2**30:.2f} GiB, activations aside")
 
@@ -154,19 +154,24 @@ def settings(args):
     """What decides a run's result (model, data, every training flag): stored in its checkpoints, compared on resume."""
     return {k: v for k, v in sorted(vars(args).items()) if k not in UNCOMPARED}
 
+def trainable_state(model):
+    """{name: tensor} of the parameters that train: all of them, or LoRA's adapters (and an annotator's head)."""
+    return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+
 def save_checkpoint(model, optimizer, step, args, rank):
     """The parameters that train (all, or LoRA's adapters) and their AdamW state, gathered whole to rank 0 and
     written into a temporary folder that one rename makes OUT/checkpoint-STEP: a kill at any moment leaves the
     previous checkpoint whole. Older ones are removed."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    params = get_model_state_dict(model, options=options)
+    trained = trainable_state(model)  # get_model_state_dict keeps a head tied to a frozen embedding
+    params = {k: v for k, v in get_model_state_dict(model, options=options).items() if k in trained}
     optim = get_optimizer_state_dict(model, optimizer, options=options)
     if rank != 0:  # every rank took part in gathering
         return
     tmp = os.path.join(args.out, f"checkpoint-{step}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    state = {"params": params, "optimizer": optim, "step": step, "settings": settings(args)}
+    state = {"model": params, "optimizer": optim, "step": step, "settings": settings(args)}
     torch.save(state, os.path.join(tmp, "train_state.pt"))
     os.replace(tmp, os.path.join(args.out, f"checkpoint-{step}"))
     for old in checkpoints(args.out)[:-1]:
@@ -190,13 +195,13 @@ def resume(model, optimizer, args, log):
               for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if differ:
         raise ValueError(f"{found[-1]} was made with other settings: {'; '.join(differ)} (use another --out)")
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-    for name in sorted(set(shapes) | set(state["params"])):
-        there = tuple(state["params"][name].shape) if name in state["params"] else None
+    shapes = {name: tuple(p.shape) for name, p in trainable_state(model).items()}
+    for name in sorted(set(shapes) | set(state["model"])):
+        there = tuple(state["model"][name].shape) if name in state["model"] else None
         if there != shapes.get(name):
             raise ValueError(f"{file}: tensor {name} has shape {there}, the model {args.model} {shapes.get(name)}")
     options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen base is not in a checkpoint
-    set_model_state_dict(model, state["params"], options=options)
+    set_model_state_dict(model, state["model"], options=options)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
     log(f"resumed from {found[-1]} at step {state['step']}")
     return state["step"]
@@ -323,6 +328,16 @@ def encode_examples(tok, pairs, args):
         ex["weight"] = w
     return examples
 
+def load_trainable(args, device, reward=False):
+    """args.model to train: all of it in fp32, or with --lora-rank a frozen base (bf16 on CUDA) with LoRA adapters."""
+    modules = args.lora_modules.split(",")
+    if args.lora_rank < 0 or not args.lora_alpha > 0 or set(modules) - set(LORA_MODULES):
+        raise ValueError(f"--lora-rank must be >= 0, --lora-alpha > 0, --lora-modules a comma list of "
+                         f"{','.join(LORA_MODULES)}; got {args.lora_rank}, {args.lora_alpha}, {args.lora_modules!r}")
+    dtype = torch.bfloat16 if args.lora_rank and device.type == "cuda" else torch.float32
+    model = load_model(args.model, dtype=dtype, device=device, reward=reward)
+    return apply_lora(model, args.lora_rank, args.lora_alpha, modules) if args.lora_rank else model
+
 def main(args):
     rank, world_size, device = distributed()
     torch.manual_seed(args.seed)
@@ -331,7 +346,7 @@ def main(args):
     if args.batch_size < world_size:
         raise ValueError(f"--batch-size {args.batch_size} is smaller than the {world_size} ranks: each needs a pair")
     tok = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=torch.float32, device=device)
+    model = load_trainable(args, device)
     check_lengths(model.config, args)
     examples = encode_examples(tok, data.load_pairs(args.data, args.format, skip_bad=args.skip_bad), args)
     if rank == 0:
@@ -343,6 +358,7 @@ def main(args):
         ld_alpha = args.loss_options.get("ld_alpha")
         add_reference_logps(model, examples, tok.pad_id, micro_size, device, ld_alpha, args.bf16)
     model = train(model, examples, tok.pad_id, args, OBJECTIVES[args.objective], rank, world_size, device)
+    model = merge_lora(model)  # on every rank: a sharded model's adapters merge shard by shard
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0
     if rank == 0:
         for name in TOKENIZER_FILES:  # the policy folder is a complete checkpoint; config.json is written last
@@ -407,6 +423,10 @@ def add_training_args(p):
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-STEP")
     p.add_argument("--overwrite", action="store_true", help="remove an earlier run's outputs from OUT first")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA's update is scaled by alpha / rank")
+    p.add_argument("--lora-modules", default=",".join(LORA_MODULES),
+                   help="the modules of each block that get adapters, a comma list of " + ",".join(LORA_MODULES))
     return p
 
 def parser():

@@ -20,7 +20,7 @@ import torch
 import cwpo
 import data
 import train_policy
-from model import atomic_write, load_model, load_tokenizer, save_model
+from model import atomic_write, load_tokenizer, merge_lora, save_model
 
 OUTPUTS = ("model.safetensors", "config.json", "splits", "weak_labels.jsonl", "report.json", "log.jsonl")
 
@@ -88,7 +88,7 @@ def write_jsonl(path, records):
 def train_annotator(labeled, args, device, log=print):
     """A reward model from args.model, trained with BT on the labeled pairs; -> (model, tokenizer)."""
     tok = load_tokenizer(args.model)
-    rm = load_model(args.model, dtype=torch.float32, device=device, reward=True)
+    rm = train_policy.load_trainable(args, device, reward=True)
     train_policy.check_lengths(rm.config, args)
     log(train_policy.memory_line(rm.config, args, 1, device, reward=True))
     train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), tok.pad_id, args, bt_objective,
@@ -127,7 +127,7 @@ def main(args):
     write_jsonl(os.path.join(args.out, "weak_labels.jsonl"), labels)
     atomic_write(os.path.join(args.out, "report.json"),
                  lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=2)))
-    save_model(rm, args.out)
+    save_model(merge_lora(rm), args.out)
     mean_confidence = np.mean([label["confidence"] for label in labels])
     print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence {mean_confidence:.3f})")
 

@@ -18,20 +18,20 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    """A tokenizer, a tiny random Llama-style checkpoint and a pairs file from data.py's world (gold-labeled)."""
-    import data
+    """A tokenizer, a tiny random Llama-style checkpoint and a pairs file from world.py's world (gold-labeled)."""
+    import world
     from model import GPT, config_from_hf, save_model
     root = tmp_path_factory.mktemp("tiny_world")
     rng = random.Random(0)
-    prompts = data.world_prompts(48, seed=0)
+    prompts = world.world_prompts(48, seed=0)
     pairs = []
     for p in prompts:
-        a, b = data.world_answer(p, rng), data.world_answer(p, rng)
-        good, bad = (a, b) if data.gold_reward(p, a) >= data.gold_reward(p, b) else (b, a)
+        a, b = world.world_answer(p, rng), world.world_answer(p, rng)
+        good, bad = (a, b) if world.gold_reward(p, a) >= world.gold_reward(p, b) else (b, a)
         pairs.append({"prompt": p, "chosen": good, "rejected": bad, "confidence": rng.random()})
     (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     ckpt = root / "model"
-    tok = data.train_tokenizer([p["prompt"] + p["chosen"] + p["rejected"] for p in pairs], 400, str(ckpt))
+    tok = world.train_tokenizer([p["prompt"] + p["chosen"] + p["rejected"] for p in pairs], 400, str(ckpt))
     hf = dict(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True,
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, hidden_act="silu",

@@ -1,16 +1,15 @@
-"""Tests for data.py: loaders on hand-written fixtures, the split, tokenization and batch layout, the built-in
-world's gold reward and noisy human labels. Expected values are written out by hand or computed by naive
+"""Tests for data.py: loaders on hand-written fixtures, the split, tokenization and batch layout (a tokenizer
+trained on world.py's text). Expected values are written out by hand or computed by naive
 formulas here, never taken from data.py's own output."""
 import gzip
 import json
-import math
 import random
 
-import numpy as np
 import pytest
 import torch
 
 import data
+import world
 
 HH_CHOSEN = ("\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I bake bread?"
              "\n\nAssistant: Mix flour, water and yeast, then bake it.")
@@ -203,30 +202,10 @@ def test_split_is_seeded_disjoint_covering_and_nested():
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    prompts = data.world_prompts(400, seed=0)
+    prompts = world.world_prompts(400, seed=0)
     rng = random.Random(0)
-    texts = prompts + [data.world_answer(p, rng) for p in prompts]
-    return data.train_tokenizer(texts, vocab_size=300, out_dir=str(tmp_path_factory.mktemp("tok")))
-
-
-def test_tokenizer_files_round_trip_and_bos(tok, tmp_path):
-    out = tmp_path / "tok"
-    tok2 = data.train_tokenizer(["hello world"] * 10 + data.world_prompts(50, seed=1), 300, str(out))
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<|bos|>", "<|eos|>", "<|pad|>")
-    assert len({tok2.bos_id, tok2.eos_id, tok2.pad_id}) == 3 and None not in (tok2.bos_id, tok2.eos_id, tok2.pad_id)
-    assert tok.get_vocab_size() == 300
-    for text in data.world_prompts(20, seed=9) + [" I'm sorry, naïve ☃ café!\n\n  x", "", "\t\t$%^"]:
-        ids = tok.encode(text).ids
-        assert ids[0] == tok.bos_id and tok.encode(text, add_special_tokens=False).ids == ids[1:]
-        assert tok.decode(ids) == text  # special tokens are skipped by default
-    # An independent reader of the saved folder: transformers' fast tokenizer gives the same ids.
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
-    hf = AutoTokenizer.from_pretrained(str(out))
-    text = data.world_prompts(1, seed=5)[0] + " Try the lemonade."
-    assert hf(text)["input_ids"] == tok2.encode(text).ids == Tokenizer.from_file(str(out / "tokenizer.json")).encode(text).ids
-    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok2.bos_id, tok2.eos_id, tok2.pad_id)
+    texts = prompts + [world.world_answer(p, rng) for p in prompts]
+    return world.train_tokenizer(texts, vocab_size=300, out_dir=str(tmp_path_factory.mktemp("tok")))
 
 
 def test_encode_truncates_prompt_from_the_left_and_answer_from_the_right(tok):
@@ -292,96 +271,3 @@ def test_iterate_batches():
     assert [len(b) for b in shuffled] == [3, 3, 1] and sorted(sum(shuffled, [])) == items
     assert shuffled == list(data.iterate_batches(items, 3, seed=1))
     assert any(list(data.iterate_batches(items, 7, seed=s))[0] != items for s in range(5))
-
-
-# ----------------------------------------------------------------------------- the built-in world
-
-SNACK_SWEET = "\n\nHuman: Can you suggest a snack? I like sweet food.\n\nAssistant:"
-SNACK_SPICY = "\n\nHuman: What snack should I get? I am in the mood for something spicy.\n\nAssistant:"
-POPCORN = " Sure! Try the caramel popcorn. It is sweet. Enjoy!"
-
-
-def test_world_prompts_are_seeded_hh_transcripts_the_loader_reads(tmp_path):
-    prompts = data.world_prompts(50, seed=2)
-    assert prompts == data.world_prompts(50, seed=2) and prompts != data.world_prompts(50, seed=3)
-    assert all(p.startswith("\n\nHuman: ") and p.endswith("\n\nAssistant:") and p.count("Assistant:") == 1
-               for p in prompts)
-    rng = random.Random(0)
-    records = [{"chosen": p + data.world_answer(p, rng), "rejected": p + " Whatever."} for p in prompts]
-    loaded = data.load_pairs(write_records(tmp_path / "world.jsonl", records))
-    assert [r["prompt"] for r in loaded] == prompts and all(r["rejected"] == " Whatever." for r in loaded)
-
-
-def test_parse_request():
-    assert data.parse_request(SNACK_SWEET) == {"category": "snack", "like": "sweet", "brief": False}
-    assert data.parse_request(SNACK_SPICY.replace("spicy.", "spicy. Please keep it short.")) == \
-        {"category": "snack", "like": "spicy", "brief": True}
-    assert data.parse_request("\n\nHuman: Hello.\n\nAssistant:") == {"category": None, "like": None, "brief": False}
-
-
-def test_gold_reward_judges_the_answer_against_the_prompt():
-    # Hand-computed from the documented formula. Caramel popcorn: a sweet snack.
-    assert data.gold_reward(SNACK_SWEET, POPCORN) == pytest.approx(1.5 + 1.0 + 0.5)  # category, taste, polite
-    assert data.gold_reward(SNACK_SPICY, POPCORN) == pytest.approx(1.5 + 0.5)  # the same answer, another taste
-    assert data.gold_reward(SNACK_SPICY, " Sure! Try the chili chips. It is spicy. Enjoy!") == pytest.approx(3.0)
-    assert data.gold_reward(SNACK_SWEET, " Try the hot chocolate.") == pytest.approx(-1.5 + 1.0)  # a drink
-    assert data.gold_reward(SNACK_SWEET, " Try the chili chips. It is sweet.") == pytest.approx(1.5 - 1.0)  # a lie
-    assert data.gold_reward(SNACK_SWEET, " Try the lemon candy or the caramel popcorn.") == pytest.approx(1.5)
-    assert data.gold_reward(SNACK_SWEET, " Ugh, fine. Try the caramel popcorn. Enjoy!") == pytest.approx(2.0)
-    assert data.gold_reward(SNACK_SWEET, " Sure!") == pytest.approx(-3.0 + 0.5)  # no item
-    long = POPCORN + " Many people like it. It is very popular."
-    assert data.gold_reward(SNACK_SWEET, long) == pytest.approx(3.0 - 0.5 * 2)
-    brief = SNACK_SWEET.replace("food.", "food. Please keep it short.")
-    assert data.gold_reward(brief, long) == pytest.approx(3.0 - 1.0 * 2)
-
-
-def test_gold_reward_never_raises_on_garbled_answers():
-    rng = random.Random(0)
-    alphabet = "abcdefghijklmnopqrstuvwxyz .!?,'()[]*+\\|$^\n0123456789ñ☃"
-    garbled = ["", " ", "((((", "it is it is", "\x00\ufffd", "the the the", " Try the the caramel caramel popcorn!!"]
-    garbled += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80))) for _ in range(300)]
-    words = " ".join(data.world_prompts(20, seed=0) + [data.world_answer(p, rng) for p in data.world_prompts(20, 1)])
-    garbled += [" ".join(rng.choices(words.split(), k=rng.randint(1, 30))) for _ in range(300)]
-    for prompt in (SNACK_SWEET, "", "Human: ????", "\n\nHuman: I like like\n\nAssistant:"):
-        for answer in garbled:
-            reward = data.gold_reward(prompt, answer)
-            assert isinstance(reward, float) and math.isfinite(reward)
-
-
-def test_world_answers_vary_with_care_and_pairs_span_easy_and_hard():
-    prompts = data.world_prompts(600, seed=11)
-    rng = random.Random(1)
-    means = [np.mean([data.gold_reward(p, data.world_answer(p, rng, care)) for p in prompts]) for care in (0, 0.5, 1)]
-    assert means[2] > means[1] + 1.0 > means[0] + 2.0
-    answers = [data.world_answer(p, rng) for p in prompts]
-    assert all(a.startswith(" ") for a in answers) and len(set(answers)) > 300
-    assert [data.world_answer(p, random.Random(5)) for p in prompts[:20]] == \
-           [data.world_answer(p, random.Random(5)) for p in prompts[:20]]
-    gaps = np.abs([data.gold_reward(p, data.world_answer(p, rng)) - data.gold_reward(p, data.world_answer(p, rng))
-                   for p in prompts])
-    assert np.mean((gaps > 0) & (gaps <= 1.0)) > 0.15 and np.mean(gaps >= 3.0) > 0.15
-
-
-def test_human_label_follows_bradley_terry():
-    rng = np.random.default_rng(0)  # a numpy Generator works as well as random.Random
-    n, T = 20000, 2.0
-    for gap in (-3.0, -0.5, 0.0, 1.0, 4.0):
-        p_naive = 1.0 / (1.0 + math.exp(-gap / T))
-        rate = np.mean([data.human_label(gap, 0.0, T, rng) for _ in range(n)])
-        assert abs(rate - p_naive) < 4 * math.sqrt(p_naive * (1 - p_naive) / n) + 1e-9
-    assert data.human_label(1e6, 0.0, 1e-3, rng) and not data.human_label(0.0, 1e6, 1e-3, rng)  # no overflow
-    assert data.human_label(1.0, 0.5, 0.0, rng) and not data.human_label(0.5, 1.0, 0.0, rng)
-
-
-@pytest.mark.parametrize("target", [0.70, 0.85])
-def test_human_temperature_gives_the_target_agreement_with_gold(target):
-    # Pairs as the pipeline makes them: two sampled answers to one prompt; gold ties have no ranking to agree with.
-    rng = random.Random(2024)
-    gaps = []
-    for prompt in data.world_prompts(8000, seed=2024):
-        gaps.append(data.gold_reward(prompt, data.world_answer(prompt, rng)) -
-                    data.gold_reward(prompt, data.world_answer(prompt, rng)))
-    temperature = data.human_temperature(gaps, target)
-    labels = [(data.human_label(g, 0.0, temperature, rng), g > 0) for g in gaps if g != 0]
-    agreement = np.mean([label == truth for label, truth in labels])
-    assert abs(agreement - target) < 0.02  # tolerance: 0.02 (sampling s.d. is about 0.005 here)

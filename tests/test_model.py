@@ -7,7 +7,8 @@ import torch
 import transformers as T
 from safetensors.torch import load_file, save_file
 
-from model import generate, load_model, load_tokenizer, save_model
+from model import (LORA_MODULES, PREFIXES, LoRALinear, apply_lora, generate, hf_names, load_model, load_tokenizer,
+                   merge_lora, save_model)
 
 V = 97
 SPECIAL = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -276,3 +277,58 @@ def test_lm_checkpoint_becomes_reward_model_with_transformers_scores(name, tmp_p
         got = rm(ids, mask)
     assert ref.abs().min() > 1e-3  # a score, not a zero that any body would give
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+# --- LoRA (issue 14)
+
+def test_lora_linear_is_w_x_plus_scaled_b_a_x():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    lora = LoRALinear(base, rank=2, alpha=3.0)
+    x = torch.randn(4, 6)
+    A, B = lora.lora_a, lora.lora_b
+    assert A.shape == (2, 6) and B.shape == (5, 2) and 0.1 < A.std() < 1  # A random, Kaiming-uniform's scale
+    with torch.no_grad():
+        assert torch.equal(lora(x), base(x))  # bug: B not zero at the start, step 0's policy is not the reference
+        B.normal_()
+        expected = x @ base.weight.T + base.bias + (3.0 / 2) * x @ A.T @ B.T  # bug: scale alpha, or a transposition
+        torch.testing.assert_close(lora(x), expected, rtol=0, atol=1e-6)
+        half = LoRALinear(base.to(torch.bfloat16), rank=2, alpha=3.0)  # a bf16 base keeps bf16 activations
+        half.lora_a.copy_(A)
+        half.lora_b.copy_(B)
+        assert half(x.bfloat16()).dtype == torch.bfloat16 and half.lora_a.dtype == torch.float32
+        torch.testing.assert_close(half(x.bfloat16()).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("modules", [tuple(LORA_MODULES), ("qkv", "down")])
+def test_merged_lora_loads_in_transformers_and_changes_only_its_modules_by_rank_r(pair, tmp_path, modules):
+    name, hf, path, _ = pair
+    torch.manual_seed(3)
+    model, rank = apply_lora(load_model(path), rank=2, alpha=6.0, modules=modules), 2
+    base = dict(load_model(path).named_parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=0.05)
+    ids, _ = left_padded_batch()
+    for _ in range(2):  # two steps: B moves at the first, A at the second
+        model(ids).float().logsumexp(-1).mean().backward()
+        optimizer.step()
+    frozen = {n.replace(".linear.", "."): p for n, p in model.named_parameters() if ".lora_" not in n}
+    assert frozen.keys() == base.keys() and all(torch.equal(frozen[n], base[n]) for n in base), name  # bug: base trains
+    with torch.no_grad():
+        want = model(ids)
+        merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    save_model(model, str(tmp_path / "merged"))
+    back = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), attn_implementation="eager").eval()
+    with torch.no_grad():  # bug: (alpha / r) B A merged into the wrong rows of the fused q|k|v, or scaled by alpha
+        torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+    before = load_file(os.path.join(path, "model.safetensors"))
+    after = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    cfg, prefix = model.config, PREFIXES[model.config.model_type]
+    named = {prefix + n for i in range(cfg.n_layer) for m in modules if m != "gate" or cfg.rope
+             for n in hf_names(cfg, f"h.{i}.{LORA_MODULES[m]}.weight")[0]}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == named, (name, changed ^ named)  # bug: a module outside the named ones changed, or a named one not
+    for k in changed:  # singular values past the r-th: fp32 rounding of W + delta only
+        singular = torch.linalg.svdvals((after[k] - before[k]).double())
+        assert singular[rank] < 1e-4 * singular[0], (k, singular[:rank + 1])

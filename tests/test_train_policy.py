@@ -429,3 +429,89 @@ def test_memory_estimate_counts_the_parameters_of_each_family_from_the_config():
     lora = 2 * 8 * ((64 + 128) + (96 + 64))  # layers * rank * (in + out) of the fused q|k|v and of down
     assert est["trainable"] == lora and est["optimizer"] == 8 * lora / 4
     assert est["weights"] == (2 * est["parameters"] + 4 * lora) / 4
+
+
+# --- issue 14: LoRA. One step against the formulas: at B = 0 the gradient of y = W x + s B A x (s = alpha / r) is
+# dL/dB = s (dL/dW) A^T and dL/dA = s B^T (dL/dW) = 0, with dL/dW the plain model's gradient; the base never moves.
+
+def test_one_lora_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_world, tmp_path, monkeypatch):
+    import cwpo
+    from model import LORA_MODULES, load_model
+    data, pairs, tok, reference = one_step_world(tiny_world)
+    beta, lr, max_norm, rank, alpha, modules = 0.5, 1e-3, 1e-6, 2, 6.0, ("qkv", "down", "o")
+    args = train_policy.parser().parse_args([
+        "--model", tiny_world["model"], "--data", tiny_world["pairs"], "--out", str(tmp_path), "--weighting",
+        "confidence", "--batch-size", str(len(pairs)), "--max-steps", "1", "--lr", str(lr), "--warmup-steps", "1",
+        "--max-grad-norm", str(max_norm), "--beta", str(beta), "--log-every", "1", "--lora-rank", str(rank),
+        "--lora-alpha", str(alpha), "--lora-modules", ",".join(modules)])
+    policy = train_policy.load_trainable(args, torch.device("cpu"))
+    start = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    assert sorted(train_policy.trainable_state(policy)) == sorted(  # the checkpoint's seam: adapters only
+        f"h.{i}.{LORA_MODULES[m]}.lora_{ab}" for i in range(2) for m in modules for ab in "ab")
+    examples = train_policy.encode_examples(tok, pairs, args)
+    train_policy.add_reference_logps(reference, examples, tok.pad_id, 4, torch.device("cpu"))
+    seen, clip = {}, torch.nn.utils.clip_grad_norm_
+
+    def record_then_clip(params, limit, *a, **k):
+        params = list(params)  # bug: clipping (and AdamW) over the frozen base too
+        assert all(p.requires_grad for p in params) and len(params) == 4 * len(modules)
+        seen.update({id(p): p.grad.detach().clone() for p in params})
+        return clip(params, limit, *a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
+    train_policy.train(policy, examples, tok.pad_id, args, train_policy.preference_objective, log=lambda msg: None)
+    logged = json.loads(open(tmp_path / "log.jsonl").readline())
+
+    fresh = load_model(tiny_world["model"], dtype=torch.float32)  # the plain model: W, without any adapter
+    batch = data.collate([data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len,
+                                           args.max_answer_len) for p in pairs], tok.pad_id)
+    logps = lambda m: cwpo.sequence_logps(m, batch["input_ids"], batch["attention_mask"],  # noqa: E731
+                                          batch["completion_mask"])["logps"]
+    with torch.no_grad():
+        ref_chosen, ref_rejected = logps(reference).chunk(2)
+    chosen, rejected = logps(fresh).chunk(2)
+    losses = -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+    loss = (torch.tensor(CONFIDENCES) * losses).mean()
+    loss.backward()
+    weights, params, grads = dict(fresh.named_parameters()), dict(policy.named_parameters()), {}
+    for name in train_policy.trainable_state(policy):
+        module = name.rsplit(".", 1)[0]
+        w_grad, a = weights[module + ".weight"].grad, start[module + ".lora_a"]
+        grads[name] = alpha / rank * w_grad @ a.T if name.endswith("_b") else torch.zeros_like(a)
+        got = seen[id(params[name])]
+        assert (got - grads[name]).norm() <= 1e-5 * grads[name].norm() + 1e-12, name  # bug: scale, transposition
+    norm = torch.cat([g.flatten() for g in grads.values()]).norm()
+    for name, param in params.items():
+        if name not in grads:  # bug: a base weight that trains
+            assert torch.equal(param, start[name]), name
+            continue
+        g = grads[name] * max_norm / (norm + 1e-6)
+        update = lr * g / (g.abs() + 1e-8)  # AdamW's first step: lr m^ / (sqrt(v^) + eps), m^ = g, v^ = g^2
+        torch.testing.assert_close(param.detach(), start[name] - update, rtol=0, atol=1e-3 * lr, msg=name)
+    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_bad_lora_flags_are_one_clear_line(tiny_world, tmp_path, capsys):
+    base = ["--model", tiny_world["model"], "--data", tiny_world["pairs"], "--out", str(tmp_path / "x")]
+    cases = [  # (flags, what the line must say); each bug: a traceback, a run that trains something else, exit 0
+        (["--lora-rank", "-1"], "got -1, 16.0"),
+        (["--lora-rank", "1.5"], "argument --lora-rank: invalid int value: '1.5'"),
+        (["--lora-rank", "4", "--lora-modules", "qkv,mlp"], "got 4, 16.0, 'qkv,mlp'"),
+        (["--lora-rank", "4", "--lora-alpha", "0"], "got 4, 0.0"),
+        (["--lora-rank", "4", "--lora-alpha", "nan"], "got 4, nan"),
+    ]
+    for flags, message in cases:
+        line = cli_error(base + flags, capsys)
+        assert message in line and "Traceback" not in line, (flags, line)
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_lora_checkpoints_hold_adapters_only_and_resume_to_the_same_run(tiny_world, tmp_path):
+    lora = ["--lora-rank", "2", "--lora-modules", "qkv,up", "--save-every", "1"]
+    plain = run(tiny_world, tmp_path / "plain", *lora)
+    run(tiny_world, tmp_path / "cut", *lora, "--max-steps", "2")  # leaves checkpoint-1, the same as plain's
+    state = torch.load(tmp_path / "cut" / "checkpoint-1" / "train_state.pt", weights_only=True)
+    assert all(".lora_" in name for name in state["model"]) and len(state["model"]) == 2 * 2 * 2  # no merged copy
+    assert os.listdir(tmp_path / "cut" / "checkpoint-1") == ["train_state.pt"]
+    resumed = run(tiny_world, tmp_path / "cut", *lora, "--resume")  # bug: adapters not restored, or A drawn anew
+    assert_same_run(plain, resumed)
+    assert all(torch.equal(plain[1][name], resumed[1][name]) for name in plain[1])

@@ -96,3 +96,18 @@ def test_outputs_of_two_runs_never_mix(tiny_world, tmp_path, capsys):
             train_policy.run_script(train_weak.main, train_weak.parser().parse_args(argv + extra))
         assert message in str(info.value.code)
         assert os.listdir(out) == ["report.json"]
+
+
+def test_lora_annotator_trains_its_adapters_and_its_whole_head(tiny_world, tmp_path):
+    from model import load_model
+    pairs = [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " Sure!", "rejected": " Ugh."}] * 4
+    args = train_weak.parser().parse_args(["--model", tiny_world["model"], "--data", "-", "--out", str(tmp_path),
+                                           "--max-steps", "1", "--batch-size", "4", "--lora-rank", "2"])
+    torch.manual_seed(0)  # the fresh head is drawn from torch's generator: the same head in `start`
+    rm, _ = train_weak.train_annotator(pairs, args, torch.device("cpu"), log=lambda *a: None)
+    torch.manual_seed(0)
+    start = load_model(tiny_world["model"], reward=True)
+    trained = train_weak.train_policy.trainable_state(rm)
+    assert all(".lora_" in name for name in trained if name != "score.weight")
+    assert not torch.equal(trained["score.weight"], start.score.weight)  # bug: the head frozen with the base
+    assert torch.equal(rm.body.h[0].mlp.up.linear.weight, start.body.h[0].mlp.up.weight)
