@@ -30,7 +30,7 @@ from model import LORA_MODULES, apply_lora, atomic_write, load_model, load_token
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "log.jsonl") + TOKENIZER_FILES
-UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "max_steps", "epochs")  # a resumed run may change
+UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "max_steps", "epochs")  # resume may change
 
 def distributed():
     """(rank, world size, device): torchrun's environment when present, else one process."""
