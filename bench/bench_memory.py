@@ -81,7 +81,7 @@ train_policy.main(train_policy.parser().parse_args(sys.argv[1:]))
 def build(folder, args):
     """The random Qwen2.5-0.5B-shaped checkpoint, a tokenizer and the pairs file."""
     import torch
-    import data
+    import world
     from model import GPT, config_from_hf, save_model
     rng = random.Random(0)
     words = ["w%d" % i for i in range(300)]
@@ -91,7 +91,7 @@ def build(folder, args):
     with open(os.path.join(folder, "pairs.jsonl"), "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
     model_dir = os.path.join(folder, "model")
-    tok = data.train_tokenizer([p["prompt"] for p in pairs], 1000, model_dir)
+    tok = world.train_tokenizer([p["prompt"] for p in pairs], 1000, model_dir)
     torch.manual_seed(0)
     hf = dict(QWEN_05B, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     save_model(GPT(config_from_hf(hf)).init_weights(), model_dir)
