@@ -425,11 +425,14 @@ def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False)
     cfg.dtype = str(dtype).replace("torch.", "")
     return model.to(device)
 
-def save_model(model, path):
-    """Write config.json + model.safetensors into the folder `path` in the HF layout, each file atomically."""
+def save_model(model, path, whole=None):
+    """Write model.safetensors + config.json into the folder `path` in the HF layout, from `whole` ({name: tensor},
+    a sharded model's gathered state dict) or the model's own parameters. config.json is removed first and written
+    last: a save that a kill interrupts leaves no config.json, so no loader takes the folder for a model."""
     cfg, reward = model.config, isinstance(model, RewardModel)
-    state = {}
-    for ours, param in model.named_parameters():  # a tied lm_head is not listed (HF does not store it either)
+    whole, state = model.state_dict() if whole is None else whole, {}
+    for ours, _ in model.named_parameters():  # a tied lm_head is not listed (HF does not store it either)
+        param = whole[ours]
         if not torch.isfinite(param).all():
             raise FloatingPointError(f"{path}: not saved, tensor {ours} holds NaN or inf")
         ours = ours.removeprefix("body.")
@@ -440,12 +443,14 @@ def save_model(model, path):
             prefix = "" if name in HEADS else PREFIXES[cfg.model_type]
             state[prefix + name] = (part.t() if transposed else part).contiguous().cpu()
     cls = {"gpt2": "GPT2", "opt": "OPT", "llama": "Llama", "qwen2": "Qwen2"}[cfg.model_type]
-    hf = dict(cfg.hf, dtype=str(next(model.parameters()).dtype).replace("torch.", ""), model_type=cfg.model_type,
+    hf = dict(cfg.hf, dtype=str(next(iter(state.values())).dtype).replace("torch.", ""), model_type=cfg.model_type,
               architectures=[cls + ("ForSequenceClassification" if reward else "ForCausalLM")])
     hf.pop("torch_dtype", None)
     if reward:
         hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     os.makedirs(path, exist_ok=True)
+    if os.path.exists(os.path.join(path, "config.json")):
+        os.remove(os.path.join(path, "config.json"))
     atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(os.path.join(path, "config.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf, indent=2)))
 

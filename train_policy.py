@@ -2,10 +2,11 @@
 
     python train_policy.py --model runs/sft --data runs/weak/weak_labels.jsonl --weighting confidence --out runs/cw-dpo
     python train_policy.py --model opt-125m --data hh.jsonl.gz --sft --out runs/sft
-    torchrun --nproc-per-node 8 train_policy.py ...     # data parallel (torch.distributed), same global batch
+    torchrun --nproc-per-node 8 train_policy.py ...     # FSDP2 over 8 ranks, same global batch, same result
 
 Reference log-probs are computed once, before training, with the starting weights: no second model is kept in
-memory. --save-every N writes OUT/checkpoint-STEP atomically; --resume continues from the newest.
+memory. A run owns OUT: --save-every N writes OUT/checkpoint-STEP atomically; --resume continues from the newest
+(made with the same settings), --overwrite replaces an earlier run's outputs.
 """
 import argparse
 import json
@@ -19,12 +20,17 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 import cwpo
 import data
 from model import LORA_MODULES, apply_lora, atomic_write, check_fits, load_model, load_tokenizer, merge_lora, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "log.jsonl") + TOKENIZER_FILES
+UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "max_steps", "epochs")  # resume may change
 
 def distributed():
     """(rank, world size, device): torchrun's environment when present, else one process."""
@@ -36,6 +42,58 @@ def distributed():
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+def shard(model, world_size, device):
+    """FSDP2 over the ranks: each block is one group, the root (embeddings, final norm, heads) another; parameters,
+    gradients and AdamW state live 1/world_size on each rank. Gradients are summed over the ranks, not averaged:
+    each rank's loss is already its share of the global batch's. One process keeps the model as it is."""
+    if world_size == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (world_size,))
+    for group in [*getattr(model, "body", model).h, model]:  # a RewardModel's decoder is .body
+        fully_shard(group, mesh=mesh)
+        group.set_gradient_divide_factor(1.0)
+        group.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
+    return model
+
+def parameter_counts(cfg, reward=False, lora_rank=0, lora_modules=()):
+    """Parameters of model.GPT (or RewardModel) counted from its Config, without building it -> (root: embeddings,
+    final norm and heads; one block; the LoRA adapters of one block). Root and blocks are FSDP's groups."""
+    d, attn, norm = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.d_model * (1 if cfg.rope else 2)  # LayerNorm: + bias
+    linears = {"qkv": (d, attn + 2 * cfg.n_kv_head * cfg.head_dim, cfg.qkv_bias), "o": (attn, d, cfg.o_bias),
+               "gate": (d, cfg.d_ff * cfg.rope, cfg.mlp_bias), "up": (d, cfg.d_ff, cfg.mlp_bias),
+               "down": (cfg.d_ff, d, cfg.mlp_bias)}  # gate: SwiGLU families only
+    block = sum(i * o + o * bias for i, o, bias in linears.values()) + 2 * norm
+    adapters = sum(lora_rank * (i + o) for name, (i, o, _) in linears.items() if name in lora_modules and o)
+    emb = cfg.proj_dim or d
+    root = cfg.vocab_size * emb + norm * cfg.final_norm + 2 * emb * d * bool(cfg.proj_dim)
+    root += 0 if cfg.rope else (cfg.max_pos + 2 * (cfg.model_type == "opt")) * d
+    return root + (emb if reward else cfg.vocab_size * emb * (not cfg.tie_word_embeddings)), block, adapters
+
+def memory_estimate(cfg, world_size=1, lora_rank=0, lora_modules=(), base_bytes=4, grad_accum=1, reward=False):
+    """Bytes per rank of weights, gradients and AdamW state (fp32 trainable parameters: 4 + 4 + 8 bytes each; a
+    LoRA base frozen at base_bytes), activations aside. Under FSDP each rank holds 1/world_size of every tensor
+    plus the largest group whole while it runs ("gathered": its parameters, their gradients and the flat buffer
+    these are copied into for the reduce-scatter); with --grad-accum > 1 the gradients stay whole until the last
+    micro-batch."""
+    root, block, adapters = parameter_counts(cfg, reward, lora_rank, lora_modules)
+    total = root + cfg.n_layer * block
+    trainable = cfg.n_layer * adapters if lora_rank else total
+    weights = total * base_bytes + trainable * 4 if lora_rank else total * 4
+    gathered = max(root, block) * (base_bytes if lora_rank else 12) if world_size > 1 else 0
+    return {"weights": weights / world_size, "gradients": trainable * 4 / (world_size if grad_accum == 1 else 1),
+            "optimizer": trainable * 8 / world_size, "gathered": gathered, "parameters": total, "trainable": trainable}
+
+def memory_line(cfg, args, world_size, device, reward=False):
+    """The estimate for these settings, as the line each script prints at start."""
+    rank, modules = getattr(args, "lora_rank", 0), getattr(args, "lora_modules", "")  # LoRA's flags, where present
+    est = memory_estimate(cfg, world_size, rank, modules.split(",") if modules else (),
+                          2 if rank and device.type == "cuda" else 4, args.grad_accum, reward)  # bf16 LoRA base on CUDA
+    kinds = ("weights", "gradients", "optimizer", "gathered")
+    return (f"memory per rank ({est['parameters'] / 1e6:.2f}M parameters, {est['trainable'] / 1e6:.2f}M trained, "
+            f"{world_size} rank(s)): " + " + ".join(f"{k} {est[k] / 2**30:.2f}" for k in kinds) +
+            f" = {sum(est[k] for k in kinds) / 2**30:.2f} GiB, activations aside")
 
 def pair_weights(pairs, weighting, top_fraction):
     """-> (pairs, weights): CW-PO's confidence, all ones, or the top-N % most confident pairs with weight 1."""
@@ -92,40 +150,90 @@ def checkpoints(out):
     names = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()]
     return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n.split("-", 1)[1]))]
 
+def settings(args):
+    """What decides a run's result (model, data, every training flag): stored in its checkpoints, compared on resume."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in UNCOMPARED}
+
 def trainable_state(model):
     """{name: tensor} of the parameters that train: all of them, or LoRA's adapters (and an annotator's head)."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
-def save_checkpoint(model, optimizer, step, args):
-    """Trained weights and optimizer state of one step, written into a temporary folder that one rename makes
-    OUT/checkpoint-STEP: a kill at any moment leaves the previous checkpoint whole. Older ones are removed."""
+def save_checkpoint(model, optimizer, step, args, rank):
+    """The parameters that train (all, or LoRA's adapters) and their AdamW state, gathered whole to rank 0 and
+    written into a temporary folder that one rename makes OUT/checkpoint-STEP: a kill at any moment leaves the
+    previous checkpoint whole. Older ones are removed."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    trained = trainable_state(model)  # get_model_state_dict keeps a head tied to a frozen embedding
+    params = {k: v for k, v in get_model_state_dict(model, options=options).items() if k in trained}
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    if rank != 0:  # every rank took part in gathering
+        return
     tmp = os.path.join(args.out, f"checkpoint-{step}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(), "step": step},
-               os.path.join(tmp, "train_state.pt"))
+    state = {"model": params, "optimizer": optim, "step": step, "settings": settings(args)}
+    torch.save(state, os.path.join(tmp, "train_state.pt"))
     os.replace(tmp, os.path.join(args.out, f"checkpoint-{step}"))
     for old in checkpoints(args.out)[:-1]:
         shutil.rmtree(old)
 
 def resume(model, optimizer, args, log):
-    """Load the newest complete checkpoint into model and optimizer -> its step (0 when there is none). log.jsonl
-    keeps only the steps up to it, so that a step run again after a kill is logged once."""
+    """Load the newest complete checkpoint into model and optimizer -> its step (0 when there is none). Refused when
+    it was made with other settings or for parameters of other names or shapes."""
     found = checkpoints(args.out)
     if not found:
         return 0
+    file = os.path.join(found[-1], "train_state.pt")
     try:  # weights_only: plain tensors and containers, never code that a crafted file would run
-        state = torch.load(os.path.join(found[-1], "train_state.pt"), weights_only=True)
+        state = torch.load(file, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{found[-1]}/train_state.pt: not a plain training state ({str(e).splitlines()[0]})") from None
-    model.load_state_dict(state["model"], strict=False)  # the frozen base is not in it: it comes from --model
-    optimizer.load_state_dict(state["optimizer"])
-    log_file = os.path.join(args.out, "log.jsonl")
-    if os.path.exists(log_file):
-        kept = [line for line in open(log_file) if json.loads(line)["step"] <= state["step"]]
-        atomic_write(log_file, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
+        raise ValueError(f"{file}: not a plain training state ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{file}: unreadable, truncated? ({str(e).splitlines()[0]})") from None
+    saved, now = state.get("settings", {}), settings(args)
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {now.get(k)!r} now"
+              for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if differ:
+        raise ValueError(f"{found[-1]} was made with other settings: {'; '.join(differ)} (use another --out)")
+    shapes = {name: tuple(p.shape) for name, p in trainable_state(model).items()}
+    for name in sorted(set(shapes) | set(state["model"])):
+        there = tuple(state["model"][name].shape) if name in state["model"] else None
+        if there != shapes.get(name):
+            raise ValueError(f"{file}: tensor {name} has shape {there}, the model {args.model} {shapes.get(name)}")
+    options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen base is not in a checkpoint
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
     log(f"resumed from {found[-1]} at step {state['step']}")
     return state["step"]
+
+def tidy(out, step):
+    """Remove what a killed save left (checkpoint-STEP.tmp, atomic_write's *.tmp) and keep log.jsonl's records up
+    to `step` (none for a fresh run): a step run again after a kill is logged once; a last line without its newline
+    is half a record that a kill left."""
+    for leftover in (n for n in os.listdir(out) if n.endswith(".tmp")):
+        remove(os.path.join(out, leftover))
+    path = os.path.join(out, "log.jsonl")
+    lines = open(path).read().splitlines(keepends=True) if os.path.exists(path) and step else []
+    try:
+        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        raise ValueError(f"{path}: not a log of train_policy.py (a line is not a record with a step)") from None
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
+
+def claim(out, outputs, args):
+    """A run owns its folder: without --resume, an earlier run's checkpoints or outputs in OUT stop the run, or
+    are removed first with --overwrite, so that no file of two runs ends up side by side."""
+    if args.resume or not os.path.isdir(out):
+        return
+    found = sorted(n for n in os.listdir(out) if n in outputs or n.startswith("checkpoint-"))
+    if found and not args.overwrite:
+        raise ValueError(f"--out {out} holds an earlier run's {', '.join(found[:3])}: pass --resume to continue it, "
+                         "--overwrite to replace it, or another --out")
+    for name in found:
+        remove(os.path.join(out, name))
+
+def remove(path):
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device=torch.device("cpu"), log=print):
     """Train `model` in place on encoded examples with `objective` (sft_objective, preference_objective, or
@@ -133,21 +241,18 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
     if not examples:
         raise ValueError("no training examples")
     os.makedirs(args.out, exist_ok=True)
-    for leftover in (n for n in os.listdir(args.out) if n.startswith("checkpoint-") and n.endswith(".tmp")):
-        shutil.rmtree(os.path.join(args.out, leftover))  # a checkpoint that a kill interrupted
     getattr(model, "body", model).grad_checkpointing = args.grad_checkpointing  # a RewardModel's decoder is .body
+    model = shard(model, world_size, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters, no per-tensor temporaries (about 5x faster than foreach on CPU)
-    params = [p for p in model.parameters() if p.requires_grad]  # all, or LoRA's adapters (and a scalar head)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95),
-                                  fused=True)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True)
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = args.max_steps or steps_per_epoch * args.epochs
     if total < 1:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
     step = resume(model, optimizer, args, log) if args.resume else 0
-    if world_size > 1:  # every rank starts from rank 0's weights (a fresh scalar head is random)
-        for p in model.parameters():
-            dist.broadcast(p.data, 0)
+    if rank == 0:
+        tidy(args.out, step)
     t0, seen_tokens, first = time.time(), 0, step
     model.train()
     while step < total:
@@ -163,21 +268,28 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
         else:
             denominator = len(batch)
         local = batch[rank::world_size]
-        micros = [local[i::args.grad_accum] for i in range(args.grad_accum) if local[i::args.grad_accum]]
+        n_micro = min(args.grad_accum, math.ceil(len(batch) / world_size))  # the same on all ranks: each gathers
         totals, n_tokens = {"loss": 0.0}, 0
-        for micro in micros:
+        for i in range(n_micro):
+            micro, share = local[i::n_micro], 1.0
+            if not micro:  # this rank's share ran out: an example weighted 0 keeps the ranks' collectives in step
+                micro, share = batch[:1], 0.0
+            if world_size > 1:  # reduce the gradients once, after the last micro-batch
+                model.set_requires_gradient_sync(i == n_micro - 1)
             tensors = {k: v.to(device) for k, v in data.collate(micro, pad_id).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
                 loss, metrics = objective(model, tensors, micro, args)
-            (loss / denominator).backward()
-            totals["loss"] += loss.item() / denominator
+            (loss * share / denominator).backward()
+            totals["loss"] += share * loss.item() / denominator
             for name, value in metrics.items():  # metrics are means over the micro-batch
-                totals[name] = totals.get(name, 0.0) + value * len(micro) / len(batch)
-            n_tokens += int(tensors["completion_mask"].sum())
-        if world_size > 1:  # data parallel: each rank's loss is its share of the global batch's, so the sum is exact
-            for work in [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]:
-                work.wait()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+                totals[name] = totals.get(name, 0.0) + share * value * len(micro) / len(batch)
+            n_tokens += int(share * tensors["completion_mask"].sum())
+        if world_size > 1:  # one vector all-reduce for the logged numbers
+            packed = torch.tensor(list(totals.values()) + [n_tokens], dtype=torch.float64, device=device)
+            dist.all_reduce(packed)
+            totals, n_tokens = dict(zip(totals, packed[:-1].tolist())), int(packed[-1])
+        norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)  # over all ranks' shards
+        grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
         if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
             raise FloatingPointError(f"step {step + 1}: loss {totals['loss']}, gradient norm {grad_norm}; stopped "
                                      "before the update (lower --lr, check the loss options and the confidences)")
@@ -186,10 +298,6 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if world_size > 1:  # one vector all-reduce for the logged numbers
-            packed = torch.tensor(list(totals.values()) + [n_tokens], dtype=torch.float64, device=device)
-            dist.all_reduce(packed)
-            totals, n_tokens = dict(zip(totals, packed[:-1].tolist())), int(packed[-1])
         seen_tokens += n_tokens
         if rank == 0 and (step % args.log_every == 0 or step == total):
             elapsed = time.time() - t0
@@ -200,8 +308,8 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
             log(f"step {step}/{total} | {shown} | {seen_tokens / elapsed:,.0f} tok/s | ETA {eta / 60:.1f} min")
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if rank == 0 and args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(model, optimizer, step, args)
+        if args.save_every and step % args.save_every == 0 and step < total:
+            save_checkpoint(model, optimizer, step, args, rank)
     return model
 
 def encode_pairs(tok, pairs, args):
@@ -238,23 +346,28 @@ def main(args):
     torch.manual_seed(args.seed)
     if args.objective == "preference":
         check_loss(args)
+    if args.batch_size < world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is smaller than the {world_size} ranks: each needs a pair")
     tok = load_tokenizer(args.model)
     model = load_trainable(args, device)
     check_lengths(model.config, tok, args)
     examples = encode_examples(tok, data.load_pairs(args.data, args.format, skip_bad=args.skip_bad), args)
     if rank == 0:
-        n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{len(examples)} examples from {args.data}; model {args.model} ({n_params:.1f}M params) on {device}")
+        claim(args.out, OUTPUTS, args)
+        print(f"{len(examples)} examples from {args.data}; model {args.model} on {device}")
+        print(memory_line(model.config, args, world_size, device))
     if args.objective == "preference":
         micro_size = max(1, args.batch_size // (world_size * args.grad_accum))  # what fits for training fits here
         ld_alpha = args.loss_options.get("ld_alpha")
         add_reference_logps(model, examples, tok.pad_id, micro_size, device, ld_alpha, args.bf16)
-    train(model, examples, tok.pad_id, args, OBJECTIVES[args.objective], rank, world_size, device)
+    model = train(model, examples, tok.pad_id, args, OBJECTIVES[args.objective], rank, world_size, device)
+    model = merge_lora(model)  # on every rank: a sharded model's adapters merge shard by shard
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0
     if rank == 0:
-        save_model(merge_lora(model), args.out)
-        for name in TOKENIZER_FILES:  # the policy folder is a complete checkpoint
+        for name in TOKENIZER_FILES:  # the policy folder is a complete checkpoint; config.json is written last
             if os.path.exists(os.path.join(args.model, name)):
                 shutil.copy(os.path.join(args.model, name), os.path.join(args.out, name))
+        save_model(model, args.out, state)
         print(f"saved {args.out}")
     if world_size > 1:  # every rank waits for rank 0's save; then leave without gloo's teardown, which can abort
         dist.barrier()
@@ -318,6 +431,7 @@ def add_training_args(p):
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-STEP")
+    p.add_argument("--overwrite", action="store_true", help="remove an earlier run's outputs from OUT first")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA's update is scaled by alpha / rank")
     p.add_argument("--lora-modules", default=",".join(LORA_MODULES),

@@ -22,6 +22,8 @@ import data
 import train_policy
 from model import atomic_write, load_tokenizer, merge_lora, save_model
 
+OUTPUTS = ("model.safetensors", "config.json", "splits", "weak_labels.jsonl", "report.json", "log.jsonl")
+
 def bt_objective(model, batch, micro, args):
     """The annotator's loss for train_policy.train: sum_i w_i * BT loss of the pair's scalar scores (cwpo.bt_loss),
     the score read at the last token of prompt + answer."""
@@ -88,6 +90,7 @@ def train_annotator(labeled, args, device, log=print):
     tok = load_tokenizer(args.model)
     rm = train_policy.load_trainable(args, device, reward=True)
     train_policy.check_lengths(rm.config, tok, args)
+    log(train_policy.memory_line(rm.config, args, 1, device, reward=True))
     train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), tok.pad_id, args, bt_objective,
                        device=device, log=log)
     return rm, tok
@@ -104,26 +107,30 @@ def main(args):
     tie = torch.tensor([p["chosen"] == p["rejected"] for p in heldout or unlabeled])  # neither right nor wrong
     if tie.all():
         raise ValueError(f"{args.data}: every pair the report is on has two identical answers: change --eval-size")
+    to_label = unlabeled  # or pairs that never had a label: answer_a / answer_b stand in for chosen / rejected
+    if args.unlabeled:
+        to_label = [{"prompt": p["prompt"], "chosen": p["answer_a"], "rejected": p["answer_b"]}
+                    for p in data.load_pairs(args.unlabeled, "unlabeled", skip_bad=args.skip_bad)]
+    train_policy.claim(args.out, OUTPUTS, args)
     rm, tok = train_annotator(labeled, args, device)
-    save_model(merge_lora(rm), args.out)
     # without held-out pairs the report is on the unlabeled pairs' hidden human labels: one scoring pass serves both
     scores = score_pairs(rm, tok, heldout or unlabeled, args, device)
     a_wins, confidence = cwpo.confidence(*scores)  # "chosen" is the human label: a wins = correct; ties left out
     report = annotator_report(confidence[~tie].tolist(), a_wins[~tie].tolist())
     report.update(on="heldout" if heldout else "unlabeled (no held-out pairs)", ties_left_out=int(tie.sum()))
     print("annotator vs human labels:", json.dumps({k: v for k, v in report.items() if k != "bins"}))
+    if heldout or args.unlabeled:
+        scores = score_pairs(rm, tok, to_label, args, device)
+    labels = weak_labels(to_label, *scores)
+    # every output is written only now, each atomically, the model last (its config.json last of all): a run
+    # stopped before this point leaves none of them
     os.makedirs(os.path.join(args.out, "splits"), exist_ok=True)
     for name, records in (("labeled", labeled), ("human_pool", labeled + unlabeled), ("heldout", heldout)):
         write_jsonl(os.path.join(args.out, "splits", f"{name}.jsonl"), records)
-    if args.unlabeled:  # pairs that never had a label: answer_a / answer_b stand in for chosen / rejected
-        unlabeled = [{"prompt": p["prompt"], "chosen": p["answer_a"], "rejected": p["answer_b"]}
-                     for p in data.load_pairs(args.unlabeled, "unlabeled", skip_bad=args.skip_bad)]
-    if heldout or args.unlabeled:
-        scores = score_pairs(rm, tok, unlabeled, args, device)
-    labels = weak_labels(unlabeled, *scores)
     write_jsonl(os.path.join(args.out, "weak_labels.jsonl"), labels)
     atomic_write(os.path.join(args.out, "report.json"),
                  lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=2)))
+    save_model(merge_lora(rm), args.out)
     mean_confidence = np.mean([label["confidence"] for label in labels])
     print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence {mean_confidence:.3f})")
 

@@ -95,6 +95,22 @@ def test_a_report_on_ties_only_is_refused_before_training(tiny_world, tmp_path):
     assert not (tmp_path / "weak").exists()
 
 
+def test_outputs_of_two_runs_never_mix(tiny_world, tmp_path, capsys):
+    import train_policy
+    out = tmp_path / "weak"
+    out.mkdir()
+    (out / "report.json").write_text("{}")  # an earlier run's
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "answer_a": "x"}\n')
+    argv = ["--model", tiny_world["model"], "--data", tiny_world["pairs"], "--out", str(out), "--max-steps", "1",
+            "--batch-size", "4"]
+    for extra, message in (([], "holds an earlier run's report.json"),  # bug: the new model beside the old report
+                           (["--overwrite", "--unlabeled", str(tmp_path / "bad.jsonl")], "bad.jsonl, line 1")):
+        with pytest.raises(SystemExit) as info:  # bug: --unlabeled read only after training and saving the model
+            train_policy.run_script(train_weak.main, train_weak.parser().parse_args(argv + extra))
+        assert message in str(info.value.code)
+        assert os.listdir(out) == ["report.json"]
+
+
 def test_lora_annotator_trains_its_adapters_and_its_whole_head(tiny_world, tmp_path):
     from model import load_model
     pairs = [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " Sure!", "rejected": " Ugh."}] * 4

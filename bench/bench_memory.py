@@ -1,0 +1,184 @@
+"""Benchmark: peak memory of a few training steps at Qwen2.5-0.5B's shape, measured against
+train_policy.memory_estimate (issue 14), in three variants, each a fresh process (or two):
+
+    python bench/bench_memory.py                 # full, LoRA r 16 on all modules, FSDP2 over 2 gloo processes
+    python bench/bench_memory.py --repeats 2 --steps 3 --seq 32
+    python bench/bench_memory.py --table         # the README table: the paper's students on 80 GB GPUs
+
+The checkpoint: random weights (model.GPT.init_weights) in Qwen2.5-0.5B's config (494M parameters, tied
+embeddings, V = 151,936), saved with model.save_model and loaded by train_policy.py as any checkpoint; a small
+tokenizer over random text (token ids stay below V, which is all the shape needs). Each variant runs
+train_policy.main on --pairs DPO pairs of --seq prompt and --seq answer tokens, batch --batch pairs, --steps steps,
+fp32 on CPU, gradient checkpointing on (the default). The final save is skipped (not part of training).
+
+Measured: the peak of RssAnon (/proc/self/status: anonymous resident memory, i.e. the heap and anonymous
+mappings where tensors live; file-backed pages such as libraries and mapped files are left out), sampled every
+2 ms by a thread during train_policy.train (the optimizer's state is created there), minus RssAnon before the
+model was loaded (the Python and torch runtime). So it holds the weights, gradients, AdamW state, FSDP's
+gathered groups and the activations; the estimate holds all but the activations. Variants are run in turn
+(A B C A B C ... with --repeats), and the spread over repeats is printed.
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+QWEN_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                hidden_act="silu")
+STUDENTS = {  # the paper's students, from their public config.json files
+    "OPT-1.3B": dict(model_type="opt", vocab_size=50272, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+                     ffn_dim=8192, max_position_embeddings=2048, word_embed_proj_dim=2048),
+    "Qwen2.5-7B": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
+                       tie_word_embeddings=False),
+    "OPT-13B": dict(model_type="opt", vocab_size=50272, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                    ffn_dim=20480, max_position_embeddings=2048, word_embed_proj_dim=5120),
+    "Qwen2.5-14B": dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, num_hidden_layers=48,
+                        num_attention_heads=40, num_key_value_heads=8, intermediate_size=13824,
+                        tie_word_embeddings=False),
+}
+ALL_MODULES = ("qkv", "o", "gate", "up", "down")
+GIB = 2 ** 30
+
+CHILD = """import json, os, sys, threading, time
+sys.path.insert(0, {root!r})
+def rss_anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+import torch, train_policy
+base, peak, running = rss_anon(), [0], [False]
+def sample():
+    while True:
+        if running[0]:
+            peak[0] = max(peak[0], rss_anon())
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
+real_train = train_policy.train
+def train(*a, **k):
+    running[0] = True
+    try:
+        return real_train(*a, **k)
+    finally:
+        running[0] = False
+        rank = int(os.environ.get("RANK", 0))
+        json.dump({{"rank": rank, "peak": peak[0] - base}}, open(os.path.join({out!r}, f"mem{{rank}}.json"), "w"))
+train_policy.train = train
+train_policy.save_model = lambda *a, **k: None  # the final save is not training
+train_policy.main(train_policy.parser().parse_args(sys.argv[1:]))
+"""
+
+
+def build(folder, args):
+    """The random Qwen2.5-0.5B-shaped checkpoint, a tokenizer and the pairs file."""
+    import torch
+    import world
+    from model import GPT, config_from_hf, save_model
+    rng = random.Random(0)
+    words = ["w%d" % i for i in range(300)]
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    pairs = [{"prompt": text(2 * args.seq), "chosen": text(2 * args.seq), "rejected": text(2 * args.seq)}
+             for _ in range(args.pairs)]
+    with open(os.path.join(folder, "pairs.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    model_dir = os.path.join(folder, "model")
+    tok = world.train_tokenizer([p["prompt"] for p in pairs], 1000, model_dir)
+    torch.manual_seed(0)
+    hf = dict(QWEN_05B, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    save_model(GPT(config_from_hf(hf)).init_weights(), model_dir)
+    return model_dir, os.path.join(folder, "pairs.jsonl")
+
+
+def variants(has_lora):
+    """name -> (extra flags, ranks, memory_estimate keywords)."""
+    lora = {"lora_rank": 16, "lora_modules": ALL_MODULES}
+    found = {"full": ([], 1, {}), "fsdp2": ([], 2, {"world_size": 2})}
+    if has_lora:
+        found["lora"] = (["--lora-rank", "16", "--lora-modules", ",".join(ALL_MODULES)], 1, lora)
+    return found
+
+
+def measure(name, flags, ranks, model_dir, pairs, folder, args, i):
+    out = os.path.join(folder, f"{name}-{i}")
+    os.makedirs(out)
+    child = os.path.join(folder, "child.py")
+    with open(child, "w") as f:
+        f.write(CHILD.format(root=ROOT, out=out))
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc-per-node", str(ranks)] if ranks > 1 else [])
+    cmd += [child, "--model", model_dir, "--data", pairs, "--out", out, "--max-steps", str(args.steps),
+            "--batch-size", str(args.batch), "--max-prompt-len", str(args.seq), "--max-answer-len", str(args.seq),
+            "--warmup-steps", "1", "--log-every", "1", *flags]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name}: failed\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+    return max(json.load(open(os.path.join(out, f"mem{r}.json")))["peak"] for r in range(ranks))
+
+
+def table():
+    """What fits on 80 GB GPUs: weights + gradients + AdamW state (+ FSDP's gathered group) per GPU, bf16 LoRA base."""
+    import train_policy
+    from model import config_from_hf
+    rows = ["| student | parameters | full, 1 GPU | LoRA r 16 all modules, 1 GPU | FSDP2 full, 8 GPUs (per GPU) "
+            "| FSDP2 + LoRA, 8 GPUs (per GPU) |", "|---|---|---|---|---|---|"]
+    for name, hf in STUDENTS.items():
+        cfg = config_from_hf(hf)
+        cells = []
+        for ranks, lora in ((1, {}), (1, dict(lora_rank=16, lora_modules=ALL_MODULES, base_bytes=2)), (8, {}),
+                            (8, dict(lora_rank=16, lora_modules=ALL_MODULES, base_bytes=2))):
+            est = train_policy.memory_estimate(cfg, ranks, **lora)
+            gb = sum(est[k] for k in ("weights", "gradients", "optimizer", "gathered")) / 1e9
+            cells.append(f"{gb:.1f} GB {'fits' if gb <= 70 else 'no'}")
+        rows.append(f"| {name} | {est['parameters'] / 1e9:.2f}B | " + " | ".join(cells) + " |")
+    print("\n".join(rows))
+    print("fits: at most 70 GB of the 80, leaving 10 GB for activations (which grow with batch and length)")
+
+
+def main(args):
+    if args.table:
+        return table()
+    import train_policy
+    from model import config_from_hf
+    has_lora = "--lora-rank" in train_policy.parser().format_help()
+    if not has_lora:
+        print("LoRA variant skipped: train_policy.py has no --lora-rank yet (branch lora not merged)")
+    cfg = config_from_hf(QWEN_05B)
+    with tempfile.TemporaryDirectory() as folder:
+        model_dir, pairs = build(folder, args)
+        found, measured = {k: v for k, v in variants(has_lora).items() if k in args.only.split(",")}, {}
+        for i in range(args.repeats):  # variants in turn, repeated
+            for name, (flags, ranks, _) in found.items():
+                measured.setdefault(name, []).append(measure(name, flags, ranks, model_dir, pairs, folder, args, i))
+                print(f"  repeat {i + 1} {name}: {measured[name][-1] / GIB:.2f} GiB", flush=True)
+    print(f"Qwen2.5-0.5B shape, {args.steps} steps, batch {args.batch} pairs of {args.seq} + {args.seq} tokens, "
+          f"fp32 CPU; peak RssAnon during train() minus the runtime's, per rank")
+    print(f"{'variant':8} {'measured GiB':>14} {'spread':>8} {'estimate GiB':>13} {'est/meas':>9} {'vs full':>8}")
+    for name, (flags, ranks, keywords) in found.items():
+        est = train_policy.memory_estimate(cfg, **keywords)
+        estimate = sum(est[k] for k in ("weights", "gradients", "optimizer", "gathered"))
+        mid = statistics.median(measured[name])
+        spread = max(measured[name]) - min(measured[name])
+        full = statistics.median(measured["full"]) if "full" in measured else float("nan")
+        print(f"{name:8} {mid / GIB:14.2f} {spread / GIB:8.2f} {estimate / GIB:13.2f} {estimate / mid:9.2f} "
+              f"{mid / full:8.2f}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=2, help="pairs per step")
+    p.add_argument("--seq", type=int, default=32, help="prompt tokens and answer tokens (each at most)")
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--only", default="full,lora,fsdp2", help="a comma list of the variants to run")
+    p.add_argument("--table", action="store_true", help="print the README table of the paper's students and stop")
+    main(p.parse_args())
