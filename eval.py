@@ -55,8 +55,8 @@ def judge_scores(judge_path, tok, prompts, answers, device, batch_size=32):
     seqs = [data.encode_prompt_answer(judge_tok, p, a, 1024, 1024) for p, a in zip(prompts, answers)]
     scores = []
     for chunk in data.iterate_batches(seqs, batch_size):
-        batch = data.collate(chunk, judge_tok.pad_id)
-        scores += judge(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+        batch = {k: v.to(device) for k, v in data.collate(chunk, judge_tok.pad_id).items()}
+        scores += judge(batch["input_ids"], layout=batch).tolist()
     return scores
 
 # --------------------------------------------------------------------------- the built-in experiment
