@@ -315,8 +315,8 @@ def ld_weighted_logps(token_logps, answer, n_tokens, ld_alpha):
     first = n_tokens.cumsum(0) - n_tokens  # where each answer's tokens start
     position = torch.arange(len(answer), device=answer.device) - first[answer] + 1  # 1, 2, ... along the answer
     shared = torch.minimum(*n_tokens.chunk(2)).repeat(2)
-    scale = torch.where(position <= shared[answer], 1.0, ld_alpha)
-    return token_logps.new_zeros(len(n_tokens)).index_add(0, answer, token_logps * scale)
+    weighted = torch.where(position <= shared[answer], token_logps, ld_alpha * token_logps)
+    return token_logps.new_zeros(len(n_tokens)).index_add(0, answer, weighted)
 
 def sequence_logps(model, batch, chunk_size=DEFAULT_CHUNK_SIZE, ld_alpha=None, wpo=False):
     """Summed log-probs of each answer's tokens, with one forward of `model` over the packed rows of a batch of
