@@ -164,6 +164,12 @@ def reward_batch(batch):
     return data.collate(rows, pad_id=0)
 
 
+def loss_rtol(options):
+    """Packed rows round fp32 log-probs differently from TRL's rows (~1e-7 relative): alpha-divergence IPO's
+    exp((a - 1) u), of a policy far from its reference (losses near 300), magnifies that to ~1.5e-5."""
+    return 5e-5 if options.get("loss_type") == "ipo" and options.get("f_divergence_type") == "alpha_divergence" else 1e-5
+
+
 def our_ref_logps(world, batch, ld_alpha=None):
     with torch.no_grad():
         out = cwpo.sequence_logps(world.ours_ref, our_batch(batch), ld_alpha=ld_alpha)
@@ -234,7 +240,7 @@ def test_dpo_loss_and_grads_match_trl(world, tmp_path, case):
     world.ours.zero_grad(set_to_none=True)
     ref_chosen, ref_rejected = our_ref_logps(world, batch, options.get("ld_alpha"))
     loss, metrics = cwpo.batch_loss(world.ours, our_batch(batch), ref_chosen, ref_rejected, **options)
-    torch.testing.assert_close(loss, trl_loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, trl_loss.detach(), rtol=loss_rtol(options), atol=1e-5)
     loss.backward()
     if case in TRL_BACKWARD_FAILS:
         with pytest.raises(RuntimeError, match="inplace"):  # if TRL fixes it, compare the gradients here too
@@ -262,10 +268,11 @@ def test_confidence_weighted_dpo_matches_trl_one_example_at_a_time(world, tmp_pa
         batch = collate(trainer)
         ref_chosen, ref_rejected = our_ref_logps(world, batch, options.get("ld_alpha"))
         loss, _ = cwpo.batch_loss(world.ours, our_batch(batch, weights), ref_chosen, ref_rejected, **options)
-        torch.testing.assert_close(loss, (weights * per_example).mean(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, (weights * per_example).mean(), rtol=loss_rtol(options), atol=1e-5)
         loss_sum_w, _ = cwpo.batch_loss(world.ours, our_batch(batch, weights), ref_chosen, ref_rejected,
                                         normalize="sum_w", **options)
-        torch.testing.assert_close(loss_sum_w, (weights * per_example).sum() / weights.sum(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss_sum_w, (weights * per_example).sum() / weights.sum(), rtol=loss_rtol(options),
+                                   atol=1e-5)
 
 
 def test_confidence_weighted_sft_is_token_weighted(world, tmp_path):
@@ -477,7 +484,7 @@ def test_more_dpo_options_match_trl(world, tmp_path, case):
     ref_chosen, ref_rejected = our_ref_logps(world, batch)
     loss, _ = cwpo.batch_loss(world.ours, our_batch(batch), ref_chosen, ref_rejected, **options)
     loss.backward()
-    torch.testing.assert_close(loss, trl_loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, trl_loss.detach(), rtol=loss_rtol(options), atol=1e-5)
     assert_grads_close(world.ours, trainer.model)
     if "aot" in case:
         return
