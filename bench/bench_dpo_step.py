@@ -3,6 +3,18 @@
     python bench/bench_dpo_step.py --json dpo_step.json   # the full default run (CPU, fp32, both V; ~3 min on 2 idle cores)
     python bench/bench_dpo_step.py --vocab 49152 --steps 3 --warmup 1
     python bench/bench_dpo_step.py --preset qwen2.5-0.5b --vocab 151936 --device cuda --dtype bfloat16   # on a GPU
+    python bench/bench_dpo_step.py --preset smollm2-135m --vocab 49152 --data data/hh-rlhf-harmless-base-test.jsonl.gz \
+        --hh-pairs 24 --pairs 8 --warmup 1 --rounds 2 --variants trl_precompute ours     # real HH-RLHF pairs (issue 15)
+
+With --data: --hh-pairs real pairs (seeded sample), tokenized by --tokenizer (the converted SmolLM2-135M) at
+--max-prompt-len + --max-answer-len (256 + 128), a truncated answer's last token made the EOS (TRL appends one).
+Each step is a different batch of --pairs: the batches train_policy.train draws in its first epoch, given to TRL
+in the same order (its sampler sequential), so both sides train on the same batches and their losses agree step
+by step. The step time is the mean over the timed steps; the tokens each side computes (ours: packed rows incl.
+their padding; TRL: 2 x pairs rows padded to the longest) and the useful FLOPs (real tokens with each prompt once,
+attention over the visible (query, key) pairs, the LM head on the answer tokens) are printed, and the matmul
+reference is timed at the mean real-token count. --rounds N runs every variant N times interleaved (ABAB); the
+table gives each round's mean.
 
 What is built (in the parent process, once per vocabulary size):
   model   a random decoder made by transformers (LlamaForCausalLM; Qwen2ForCausalLM for --preset qwen2.5-0.5b),
@@ -472,10 +484,14 @@ def print_header(args, env):
     print("DPO training step: TRL DPOTrainer vs ours (train_policy.train), same weights, same batch")
     print(f"  model: random {args.arch} decoder (transformers), width {args.width}, {args.layers} layers, {args.heads} heads "
           f"({args.kv_heads} KV), SwiGLU {args.ffn}, {'tied' if args.tie else 'untied'} LM head; V in {args.vocab}")
-    print(f"  batch: {args.pairs} pairs a step, prompt {args.prompt_len} + completion {args.completion_len} tokens "
-          f"-> {2 * args.pairs} x {seq} = {2 * args.pairs * seq} tokens a step, the same batch every step")
+    if args.data:
+        print(f"  batch: {args.pairs} real pairs a step from {args.data} ({args.hh_pairs} sampled with seed {args.seed}), "
+              f"{args.max_prompt_len} + {args.max_answer_len} truncation, a different batch each step, the same on both sides")
+    else:
+        print(f"  batch: {args.pairs} pairs a step, prompt {args.prompt_len} + completion {args.completion_len} tokens "
+              f"-> {2 * args.pairs} x {seq} = {2 * args.pairs * seq} tokens a step, the same batch every step")
     print(f"  training: sigmoid (DPO) loss, beta 0.1, AdamW betas (0.9, 0.95), lr {args.lr:g} decaying linearly to "
-          f"10 %, max grad norm {args.max_grad_norm:g}; {args.steps} steps, median of the last "
+          f"10 %, max grad norm {args.max_grad_norm:g}; {args.steps} steps, {'mean' if args.data else 'median'} of the last "
           f"{args.steps - args.warmup} (first {args.warmup} = warm-up)")
     print(f"  device {args.device}, {args.dtype if args.device.startswith('cuda') else 'float32'}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")
