@@ -9,8 +9,9 @@ tests/test_cwpo_trl.py); `sequence_logps`, the one log-prob function every scrip
 behind it. Every piece is a pure function of tensors (or an autograd Function) and imports only torch, so each can
 be copied alone.
 
-Batch layout (data.py's collate): input_ids / attention_mask / completion_mask [2B, T], rows 0..B-1
-prompt+chosen and rows B..2B-1 prompt+rejected, right-padded; weight [B] the per-pair weight.
+Batch layout (data.py's collate): packed rows input_ids / position_ids / segment_ids / branch_ids [R, T], each
+prompt once and its two answers after it; the answer tokens to score as flat indices (score_index, score_target,
+score_answer), answers 0..B-1 the chosen and B..2B-1 the rejected ones; weight [B] the per-pair weight.
 """
 
 import math
@@ -93,15 +94,15 @@ def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="si
     if {"aot", "aot_unpaired"} & set(names) and (use_weighting or bool((weights != weights[0]).any())):
         raise ValueError("aot / aot_unpaired sort pairs across the batch: per-pair weights (CW-PO, top-N, WPO) "
                          "cannot follow their pair; use equal weights")
-    out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                         chunk_size, ld_alpha, use_weighting)
+    out = sequence_logps(model, batch, chunk_size, ld_alpha, use_weighting)
     chosen, rejected = out["logps"].chunk(2)
     n_chosen, n_rejected = out["n_tokens"].chunk(2)
     losses = 0.0
     for name, loss_weight in zip(names, loss_weights):
         pair_chosen = chosen
         if name == "sft" and ld_alpha is not None:  # TRL's "sft" is the plain NLL, even when ld_alpha is set
-            pair_chosen = out["token_logps"][:len(chosen)].sum(dim=1)
+            summed = out["token_logps"].new_zeros(2 * len(chosen)).index_add(0, out["answer"], out["token_logps"])
+            pair_chosen = summed[:len(chosen)]
         losses = losses + loss_weight * preference_loss(
             name, pair_chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta,
             chosen_n_tokens=n_chosen, rejected_n_tokens=n_rejected, **options)
@@ -317,44 +318,41 @@ def preference_loss(loss_type, chosen_logps, rejected_logps, ref_chosen_logps=No
 
 # ------------------------------------------------ Per-sequence log-probs: the one log-prob function every script calls
 
-def ld_weighted_logps(token_logps, mask, ld_alpha):
+def ld_weighted_logps(token_logps, answer, n_tokens, ld_alpha):
     """LD-DPO's length-desensitized log-prob (Liu et al. 2024, arXiv 2409.06411), as TRL's `ld_alpha`:
     log p = sum of the first l_s answer tokens + ld_alpha * sum of the rest, l_s = min(len chosen, len rejected).
-    token_logps, mask [2B, T-1] in the batch layout (rows :B chosen, B: rejected) -> [2B]."""
-    position = mask.cumsum(dim=1)  # 1, 2, ... along the answer
-    chosen_len, rejected_len = mask.sum(dim=1).chunk(2)
-    shared = torch.minimum(chosen_len, rejected_len).repeat(2)[:, None]
-    scale = torch.where(position <= shared, 1.0, ld_alpha) * mask
-    return (token_logps * scale).sum(dim=1)
+    token_logps [N] grouped by answer in order, answer [N] their answers, n_tokens [2B] (:B chosen, B: rejected)
+    -> [2B]."""
+    first = n_tokens.cumsum(0) - n_tokens  # where each answer's tokens start
+    position = torch.arange(len(answer), device=answer.device) - first[answer] + 1  # 1, 2, ... along the answer
+    shared = torch.minimum(*n_tokens.chunk(2)).repeat(2)
+    weighted = torch.where(position <= shared[answer], token_logps, ld_alpha * token_logps)
+    return token_logps.new_zeros(len(n_tokens)).index_add(0, answer, weighted)
 
-def sequence_logps(model, input_ids, attention_mask, completion_mask, chunk_size=DEFAULT_CHUNK_SIZE,
-                   ld_alpha=None, wpo=False):
-    """Summed log-probs of the answer tokens of each row, with one forward of `model` over all rows.
-
-    input_ids, attention_mask, completion_mask: [R, T] (R = 2B in the batch layout). Only positions whose next
-    token is an answer token are projected through the LM head (with the fused kernel): prompt positions need
-    no logits. Returns a dict:
-      "logps"       [R] fp32  sum_t log p(y_t | x, y_<t) over answer tokens (LD-weighted when ld_alpha is given,
-                              which needs the 2B pair layout; compute the reference with the same ld_alpha)
-      "token_logps" [R, T-1]  per-token log-probs at position t for token t+1 (0 off the answer)
-      "mask"        [R, T-1]  bool, completion_mask[:, 1:]
-      "n_tokens"    [R]       answer tokens scored (a first-position answer token has no prefix and is not scored)
-      "wpo_weights" [R]       only with wpo=True: exp(mean_t (log p(y_t) - log sum_v p_v^2)), no gradient (WPO Eq. 2)
+def sequence_logps(model, batch, chunk_size=DEFAULT_CHUNK_SIZE, ld_alpha=None, wpo=False):
+    """Summed log-probs of each answer's tokens, with one forward of `model` over the packed rows of a batch of
+    data.collate. Only the hidden states that predict an answer token (batch["score_index"]) are projected
+    through the LM head (with the fused kernel): prompt positions need no logits. Returns a dict:
+      "logps"       [A] fp32  sum_t log p(y_t | x, y_<t) over each answer's tokens (A = 2B for pairs; LD-weighted
+                              when ld_alpha is given; compute the reference with the same ld_alpha)
+      "token_logps" [N]       per scored token, "answer" [N] its answer (batch["score_answer"])
+      "n_tokens"    [A]       answer tokens scored (a first answer token after an empty prompt is not)
+      "wpo_weights" [A]       only with wpo=True: exp(mean_t (log p(y_t) - log sum_v p_v^2)), no gradient (WPO Eq. 2)
     """
-    hidden = model(input_ids, attention_mask, return_hidden=True)  # [R, T, d]
+    hidden = model(batch["input_ids"], return_hidden=True, layout=batch)  # [R, T, d]
     lm_head = getattr(model, "module", model).lm_head  # unwrap DistributedDataParallel
-    mask = completion_mask[:, 1:].bool()
-    hidden = hidden[:, :-1][mask]  # [N, d]: only the N positions that predict an answer token
-    flat = token_logps(hidden, lm_head.weight, input_ids[:, 1:][mask], lm_head.bias, chunk_size)
-    per_token = flat.new_zeros(mask.shape).masked_scatter(mask, flat)
-    n_tokens = mask.sum(dim=1)
-    out = {"token_logps": per_token, "mask": mask, "n_tokens": n_tokens, "logps": per_token.sum(dim=1)}
+    hidden = hidden.flatten(0, 1)[batch["score_index"]]  # [N, d]
+    flat = token_logps(hidden, lm_head.weight, batch["score_target"], lm_head.bias, chunk_size)
+    answer, n_answers = batch["score_answer"], len(batch["last_index"])
+    n_tokens = torch.bincount(answer, minlength=n_answers)
+    out = {"token_logps": flat, "answer": answer, "n_tokens": n_tokens,
+           "logps": flat.new_zeros(n_answers).index_add(0, answer, flat)}
     if ld_alpha is not None:
-        out["logps"] = ld_weighted_logps(per_token, mask, ld_alpha)
+        out["logps"] = ld_weighted_logps(flat, answer, n_tokens, ld_alpha)
     if wpo:
         sq = token_log_sum_sq_probs(hidden.detach(), lm_head.weight.detach(), lm_head.bias, chunk_size)
-        aligned = flat.detach().new_zeros(mask.shape).masked_scatter(mask, flat.detach() - sq)
-        out["wpo_weights"] = torch.exp(aligned.sum(dim=1) / n_tokens.clamp(min=1))
+        summed = flat.new_zeros(n_answers).index_add(0, answer, flat.detach() - sq)
+        out["wpo_weights"] = torch.exp(summed / n_tokens.clamp(min=1))
     return out
 
 # ----------------------------------------------------------- Fused LM head + log-softmax + gather, chunked over tokens

@@ -32,8 +32,8 @@ def judge_scores(judge_path, judge, judge_tok, prompts, answers, device, batch_s
                "the prompts + answers it reads")
     scores = []
     for chunk in data.iterate_batches(seqs, batch_size):
-        batch = data.collate(chunk, judge_tok.pad_id)
-        scores += judge(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+        batch = {k: v.to(device) for k, v in data.collate(chunk, judge_tok.pad_id).items()}
+        scores += judge(batch["input_ids"], layout=batch).tolist()
     return scores
 
 def main(args):

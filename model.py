@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -131,9 +132,29 @@ class Attention(nn.Module):
         if cache is not None:  # write this step's keys/values, attend over everything so far
             cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
-                                           enable_gqa=c.n_kv_head != c.n_head)
+        if isinstance(mask, BlockMask):  # CUDA, the packed layout: FlexAttention skips the masked-out blocks
+            y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=c.n_kv_head != c.n_head)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                               enable_gqa=c.n_kv_head != c.n_head)
         return self.o(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
+
+def visible(segment_ids, branch_ids, b, q, k):
+    """The packed layout's attention rule (data.collate): key k is visible to query q in row b when both lie in one
+    example, k is not later, and k is in the prompt (branch 0) or in q's own answer; a pad (segment -1) sees only
+    itself. Indices broadcast: dense [R, T, T] masks (CPU) and FlexAttention's mask_mod (CUDA) share this rule."""
+    segment = segment_ids[b, q]
+    same = (segment == segment_ids[b, k]) & (segment >= 0) & (k <= q)
+    return (same & ((branch_ids[b, k] == 0) | (branch_ids[b, k] == branch_ids[b, q]))) | (q == k)
+
+def compiled_flex_attention():
+    """FlexAttention compiled once (its eager form materializes the full score matrix)."""
+    global _flex
+    if _flex is None:
+        _flex = torch.compile(flex_attention, dynamic=False)
+    return _flex
+
+_flex = None
 
 class MLP(nn.Module):
     """SwiGLU down(act(gate(x)) * up(x)) for Llama / Qwen2, down(act(up(x))) for GPT-2 / OPT."""
@@ -189,11 +210,12 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
         return self
 
-    def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0):
+    def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0, layout=None):
         """input_ids [B, T] -> logits [B, T, V], or final hidden states [B, T, d'] with return_hidden.
         attention_mask [B, start + T] (1 = real token) allows left or right padding; with a KV cache (see
-        generate), `start` is the number of positions already cached."""
-        pos, mask, rope = self.positions_and_mask(input_ids, attention_mask, cache, start)
+        generate), `start` is the number of positions already cached. layout: a batch of data.collate (its
+        position_ids, segment_ids and branch_ids), for packed rows instead of attention_mask."""
+        pos, mask, rope = self.positions_and_mask(input_ids, attention_mask, cache, start, layout)
         x = self.wte(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
@@ -210,19 +232,30 @@ class GPT(nn.Module):
             x = self.project_out(x)
         return x if return_hidden else self.lm_head(x)
 
-    def positions_and_mask(self, input_ids, attention_mask, cache, start):
-        """-> (positions [B, T], attention mask [B, 1, T, start + T] bool or None, RoPE (cos, sin) or None).
+    def positions_and_mask(self, input_ids, attention_mask, cache, start, layout=None):
+        """-> (positions [B, T], attention mask: [B, 1, T, start + T] bool, a BlockMask or None, RoPE (cos, sin)
+        or None).
 
         Positions count real tokens only, so a left-padded prompt sees the same positions as an unpadded one.
         Right padding needs no mask: causal attention alone keeps real tokens from pads (and allows SDPA's flash
         kernels). A padding query attends to itself, so that no row of the mask is empty (its output is unused).
+        Packed rows (layout) take their positions from the layout and the rule `visible`: a boolean mask for SDPA
+        on CPU, a FlexAttention block mask on CUDA (where a dense mask would turn SDPA's flash kernels off).
         """
         B, T = input_ids.shape
         device = input_ids.device
         if attention_mask is not None and cache is None and not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
             attention_mask = None  # right padding (or none)
         causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
-        if attention_mask is None:
+        if layout is not None:
+            pos, segment_ids, branch_ids = layout["position_ids"], layout["segment_ids"], layout["branch_ids"]
+            rule = lambda b, h, q, k: visible(segment_ids, branch_ids, b, q, k)  # noqa: E731
+            if device.type == "cuda":
+                mask = create_block_mask(rule, B, None, T, T, device=device)
+            else:
+                index = torch.arange(T, device=device)
+                mask = rule(torch.arange(B, device=device)[:, None, None], None, index[:, None], index)[:, None]
+        elif attention_mask is None:
             pos = torch.arange(start, start + T, device=device).expand(B, T)
             mask = None if cache is None else causal.expand(B, 1, T, start + T)
         else:
@@ -243,7 +276,8 @@ class RewardModel(nn.Module):
     """pi_w(x, y) -> R: the backbone with its LM head replaced by a linear layer to one output.
 
     The score is read at the last position whose attention_mask is 1 (the last real token of x ++ y, the EOS
-    included). transformers' *ForSequenceClassification reads it at the last token that is not pad_token_id
+    included); in packed rows (layout, data.collate) at each answer's last token, layout["last_index"].
+    transformers' *ForSequenceClassification reads it at the last token that is not pad_token_id
     instead; both agree unless the pad token is also the EOS token and the sequence ends with it, where
     transformers skips the EOS and we do not: we score the full sequence the policy would generate.
     """
@@ -254,8 +288,10 @@ class RewardModel(nn.Module):
         self.body = GPT(cfg, lm_head=False)
         self.score = nn.Linear(cfg.proj_dim or cfg.d_model, 1, bias=False)
 
-    def forward(self, input_ids, attention_mask=None):
-        hidden = self.body(input_ids, attention_mask, return_hidden=True).to(self.score.weight.dtype)  # [B, T, d]
+    def forward(self, input_ids, attention_mask=None, layout=None):
+        hidden = self.body(input_ids, attention_mask, return_hidden=True, layout=layout).to(self.score.weight.dtype)
+        if layout is not None:  # [A] scores, one per answer
+            return self.score(hidden.flatten(0, 1)[layout["last_index"]]).squeeze(-1).float()
         if attention_mask is None:
             last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
         else:

@@ -115,8 +115,7 @@ def add_reference_logps(model, examples, pad_id, batch_size, device, ld_alpha=No
     for chunk in data.iterate_batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in data.collate(chunk, pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-            logps = cwpo.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                        ld_alpha=ld_alpha)["logps"]
+            logps = cwpo.sequence_logps(model, batch, ld_alpha=ld_alpha)["logps"]
         chosen, rejected = logps.float().cpu().chunk(2)
         for ex, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
@@ -132,7 +131,7 @@ def lr_at(step, total, args):
 
 def sft_objective(model, batch, micro, args):
     """Negative log-likelihood of the answer tokens, summed (train() divides by the batch's answer tokens)."""
-    logps = cwpo.sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])["logps"]
+    logps = cwpo.sequence_logps(model, batch)["logps"]
     return -logps.sum(), {}
 
 def preference_objective(model, batch, micro, args):
@@ -283,7 +282,7 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
             totals["loss"] += share * loss.item() / denominator
             for name, value in metrics.items():  # metrics are means over the micro-batch
                 totals[name] = totals.get(name, 0.0) + share * value * len(micro) / len(batch)
-            n_tokens += int(share * tensors["completion_mask"].sum())
+            n_tokens += int(share * len(tensors["score_target"]))
         if world_size > 1:  # one vector all-reduce for the logged numbers
             packed = torch.tensor(list(totals.values()) + [n_tokens], dtype=torch.float64, device=device)
             dist.all_reduce(packed)

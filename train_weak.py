@@ -27,7 +27,7 @@ OUTPUTS = ("model.safetensors", "config.json", "splits", "weak_labels.jsonl", "r
 def bt_objective(model, batch, micro, args):
     """The annotator's loss for train_policy.train: sum_i w_i * BT loss of the pair's scalar scores (cwpo.bt_loss),
     the score read at the last token of prompt + answer."""
-    chosen_scores, rejected_scores = model(batch["input_ids"], batch["attention_mask"]).float().chunk(2)
+    chosen_scores, rejected_scores = model(batch["input_ids"], layout=batch).float().chunk(2)
     losses = cwpo.bt_loss(chosen_scores, rejected_scores)
     metrics = {"accuracy": (chosen_scores > rejected_scores).float().mean().item(),
                "margin": (chosen_scores - rejected_scores).mean().item()}
@@ -39,8 +39,8 @@ def score_pairs(rm, tok, pairs, args, device, log=print):
     rm.eval()
     first, second, t0 = [], [], time.time()
     for chunk in data.iterate_batches(train_policy.encode_pairs(tok, pairs, args), args.batch_size):
-        batch = data.collate(chunk, tok.pad_id)
-        a, b = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu().chunk(2)
+        batch = {k: v.to(device) for k, v in data.collate(chunk, tok.pad_id).items()}
+        a, b = rm(batch["input_ids"], layout=batch).float().cpu().chunk(2)
         first.append(a)
         second.append(b)
         done = sum(len(part) for part in first)

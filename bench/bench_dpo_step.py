@@ -3,6 +3,18 @@
     python bench/bench_dpo_step.py --json dpo_step.json   # the full default run (CPU, fp32, both V; ~3 min on 2 idle cores)
     python bench/bench_dpo_step.py --vocab 49152 --steps 3 --warmup 1
     python bench/bench_dpo_step.py --preset qwen2.5-0.5b --vocab 151936 --device cuda --dtype bfloat16   # on a GPU
+    python bench/bench_dpo_step.py --preset smollm2-135m --vocab 49152 --data data/hh-rlhf-harmless-base-test.jsonl.gz \
+        --hh-pairs 24 --pairs 8 --warmup 1 --rounds 2 --variants trl_precompute ours     # real HH-RLHF pairs (issue 15)
+
+With --data: --hh-pairs real pairs (seeded sample), tokenized by --tokenizer (the converted SmolLM2-135M) at
+--max-prompt-len + --max-answer-len (256 + 128), a truncated answer's last token made the EOS (TRL appends one).
+Each step is a different batch of --pairs: the batches train_policy.train draws in its first epoch, given to TRL
+in the same order (its sampler sequential), so both sides train on the same batches and their losses agree step
+by step. The step time is the mean over the timed steps; the tokens each side computes (ours: packed rows incl.
+their padding; TRL: 2 x pairs rows padded to the longest) and the useful FLOPs (real tokens with each prompt once,
+attention over the visible (query, key) pairs, the LM head on the answer tokens) are printed, and the matmul
+reference is timed at the mean real-token count. --rounds N runs every variant N times interleaved (ABAB); the
+table gives each round's mean.
 
 What is built (in the parent process, once per vocabulary size):
   model   a random decoder made by transformers (LlamaForCausalLM; Qwen2ForCausalLM for --preset qwen2.5-0.5b),
@@ -74,6 +86,7 @@ EOS_ID = 2  # also the pad id (none is needed: every sequence has the same lengt
 PRESETS = {  # architecture, width, layers, heads, KV heads, SwiGLU width, tied embeddings
     "tiny": dict(arch="llama", width=256, layers=4, heads=4, kv_heads=2, ffn=768, tie=False),
     "qwen2.5-0.5b": dict(arch="qwen2", width=896, layers=24, heads=14, kv_heads=2, ffn=4864, tie=True),
+    "smollm2-135m": dict(arch="llama", width=576, layers=30, heads=9, kv_heads=3, ffn=1536, tie=True),
 }
 
 
@@ -132,6 +145,8 @@ def run_trl(args, work, precompute):
     device = torch.device(args.device)
     with open(os.path.join(work, "pairs.json")) as f:
         pairs = json.load(f)
+    # the batches train_policy.train draws in its first epoch (randperm seeded by --seed 0), in TRL's sequential order
+    pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()]
     vocab = {f"t{i}": i for i in range(args.vocab_size)}
     vocab["<eos>"] = EOS_ID
     del vocab[f"t{EOS_ID}"]
@@ -293,6 +308,54 @@ def make_pairs(args, vocab_size):
              "rejected_ids": ids(args.completion_len - 1) + [EOS_ID]} for _ in range(args.pairs)]
 
 
+def make_hh_pairs(args):
+    """--hh-pairs real HH-RLHF pairs (a seeded sample of --data), tokenized by --tokenizer as data.encode_pair does at
+    --max-prompt-len / --max-answer-len. A truncated answer gets the EOS as its last token (TRL appends one to every
+    completion and the ids must be the same on both sides). Ids equal to EOS_ID stand for the tokenizer's EOS."""
+    import random
+
+    sys.path.insert(0, REPO_ROOT)
+    import data
+    from model import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    if tok.eos_id != EOS_ID:
+        raise SystemExit(f"{args.tokenizer}: EOS id {tok.eos_id}, the bench needs {EOS_ID} (SmolLM2's)")
+    pairs = random.Random(args.seed).sample(data.load_pairs(args.data), args.hh_pairs)
+    encoded = [data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len, args.max_answer_len)
+               for p in pairs]
+    for ex in encoded:
+        for key in ("chosen_ids", "rejected_ids"):
+            ex[key][-1] = EOS_ID
+    return encoded
+
+
+def hh_step_counts(args, pairs, shape, vocab_size):
+    """Per step (the batches train() draws), what each side computes and the useful FLOPs: real tokens with each
+    prompt once, attention over the visible (query, key) pairs, the LM head on the answer tokens."""
+    import torch
+
+    sys.path.insert(0, REPO_ROOT)
+    import data
+
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
+    linear_params = sum(i * o for i, o in shape["linears"])
+    steps = []
+    for s in range(args.steps):
+        batch = [pairs[i] for i in order[s * args.pairs:(s + 1) * args.pairs]]
+        lengths = [(len(ex["prompt_ids"]), len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in batch]
+        real = sum(p + c + r for p, c, r in lengths)
+        visible = sum(p * (p + 1) // 2 + (c + r) * p + c * (c + 1) // 2 + r * (r + 1) // 2 for p, c, r in lengths)
+        scored = sum(c + r for _, c, r in lengths)
+        rows = data.collate(batch, EOS_ID)["input_ids"]
+        useful = (3 * (2 * linear_params * real + 4 * args.layers * shape["d_attn"] * visible)
+                  + 3 * 2 * args.width * vocab_size * scored)
+        steps.append({"real_once": real, "ours": rows.numel(), "ours_rows": rows.shape[0],
+                      "trl": 2 * len(batch) * max(p + max(c, r) for p, c, r in lengths),
+                      "real_twice": sum(2 * p + c + r for p, c, r in lengths), "scored": scored, "useful": useful})
+    return steps
+
+
 def step_flops(args, shape, vocab_size):
     """Counted FLOPs of one optimizer step per variant, and the useful FLOPs (see the module docstring)."""
     rows, seq = 2 * args.pairs, args.prompt_len + args.completion_len
@@ -323,7 +386,8 @@ def spawn(args, role, work, vocab_size):
     env = {**os.environ, **child_env(args), "HF_DATASETS_CACHE": os.path.join(work, "hf_datasets")}
     argv = [sys.executable, os.path.abspath(__file__), "--_child", role, "--_work", work, "--_vocab-size", str(vocab_size),
             "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype, "--pairs", str(args.pairs),
-            "--steps", str(args.steps), "--lr", repr(args.lr), "--max-grad-norm", repr(args.max_grad_norm)]
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", repr(args.lr),
+            "--max-grad-norm", repr(args.max_grad_norm)]
     start = time.time()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=work)
     if proc.returncode != 0:
@@ -337,8 +401,8 @@ def spawn(args, role, work, vocab_size):
 
 
 def summarize(args, vocab, result, flops, matmul, ours_losses):
-    timed = result["step_times_s"][args.warmup:]
-    step_s = statistics.median(timed)
+    timed = result["step_times_s"]  # the timed steps of every round
+    step_s = statistics.mean(timed) if args.data else statistics.median(timed)  # real batches differ step to step
     counted = flops[result["variant"]]
     diffs = [abs(a - b) for a, b in zip(result["losses"], ours_losses)]
     return {**result, "vocab": vocab, "step_s": step_s, "min_step_s": min(timed), "timed_steps": len(timed),
@@ -355,12 +419,14 @@ def format_table(rows, device):
     cuda = device.startswith("cuda")
     mem = "CUDA peak GB" if cuda else "peak RSS GB"
     head = (f"{'V':>7} | {'variant':<14} | {'loss@0':>8} | {'loss@last':>9} | {'|dloss| max':>11} | {'s/step':>7} | {'min s':>6} | "
+            f"{'rounds (mean s/step)':>22} | "
             f"{'tokens/s':>8} | {mem:>12} | {'GFLOP/step':>10} | {'GFLOP/s':>7} | {'% matmul':>8} | {'% useful':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = r["cuda_peak_bytes"] if cuda else r["peak_rss_bytes"]
         lines.append(f"{r['vocab']:>7} | {r['variant']:<14} | {r['loss_step0']:>8.5f} | {r['loss_last']:>9.5f} | "
-                     f"{r['max_loss_diff_vs_ours']:>11.1e} | {r['step_s']:>7.3f} | {r['min_step_s']:>6.3f} | {r['tokens_per_s']:>8.0f} | "
+                     f"{r['max_loss_diff_vs_ours']:>11.1e} | {r['step_s']:>7.3f} | {r['min_step_s']:>6.3f} | "
+                     f"{' '.join(f'{x:.2f}' for x in r['round_step_s']):>22} | {r['tokens_per_s']:>8.0f} | "
                      f"{peak / 1e9:>12.2f} | {r['flops_per_step'] / 1e9:>10.1f} | {r['flop_per_s'] / 1e9:>7.1f} | "
                      f"{100 * r['matmul_fraction']:>7.1f}% | {100 * r['useful_matmul_fraction']:>7.1f}%")
     return "\n".join(lines)
@@ -387,12 +453,13 @@ def ratio_lines(rows, device):
         if trl:
             best = min(trl, key=lambda t: t["step_s"])
             speedup, memory = best["step_s"] / ours["step_s"], ours[key] / best[key]
-            ok = speedup >= 2.5 and memory <= 0.5
+            target_speed, target_memory = 4.0, 0.4  # issue 15's goal
+            ok = speedup >= target_speed and memory <= target_memory
             goals.append({"vocab": vocab, "trl_best": best["variant"], "speedup": speedup, "memory_ratio": memory,
                           "met": ok})
-            lines.append(f"goal V={vocab}: ours >= 2.5x faster than TRL's best ({best['variant']}): {speedup:.2f}x "
-                         f"-> {'PASS' if speedup >= 2.5 else 'FAIL'}; peak memory <= 0.5 of its: {memory:.3f} "
-                         f"-> {'PASS' if memory <= 0.5 else 'FAIL'}")
+            lines.append(f"goal V={vocab}: ours >= {target_speed}x faster than TRL's best ({best['variant']}): "
+                         f"{speedup:.2f}x -> {'PASS' if speedup >= target_speed else 'FAIL'}; peak memory <= "
+                         f"{target_memory} of its: {memory:.3f} -> {'PASS' if memory <= target_memory else 'FAIL'}")
     return lines, goals
 
 
@@ -417,10 +484,14 @@ def print_header(args, env):
     print("DPO training step: TRL DPOTrainer vs ours (train_policy.train), same weights, same batch")
     print(f"  model: random {args.arch} decoder (transformers), width {args.width}, {args.layers} layers, {args.heads} heads "
           f"({args.kv_heads} KV), SwiGLU {args.ffn}, {'tied' if args.tie else 'untied'} LM head; V in {args.vocab}")
-    print(f"  batch: {args.pairs} pairs a step, prompt {args.prompt_len} + completion {args.completion_len} tokens "
-          f"-> {2 * args.pairs} x {seq} = {2 * args.pairs * seq} tokens a step, the same batch every step")
+    if args.data:
+        print(f"  batch: {args.pairs} real pairs a step from {args.data} ({args.hh_pairs} sampled with seed {args.seed}), "
+              f"{args.max_prompt_len} + {args.max_answer_len} truncation, a different batch each step, the same on both sides")
+    else:
+        print(f"  batch: {args.pairs} pairs a step, prompt {args.prompt_len} + completion {args.completion_len} tokens "
+              f"-> {2 * args.pairs} x {seq} = {2 * args.pairs * seq} tokens a step, the same batch every step")
     print(f"  training: sigmoid (DPO) loss, beta 0.1, AdamW betas (0.9, 0.95), lr {args.lr:g} decaying linearly to "
-          f"10 %, max grad norm {args.max_grad_norm:g}; {args.steps} steps, median of the last "
+          f"10 %, max grad norm {args.max_grad_norm:g}; {args.steps} steps, {'mean' if args.data else 'median'} of the last "
           f"{args.steps - args.warmup} (first {args.warmup} = warm-up)")
     print(f"  device {args.device}, {args.dtype if args.device.startswith('cuda') else 'float32'}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")
@@ -440,11 +511,23 @@ def main(args):
             work = os.path.join(work_root, f"V{vocab}")
             os.makedirs(work)
             shape = build_model(args, vocab, os.path.join(work, "model"))
+            pairs = make_hh_pairs(args) if args.data else make_pairs(args, vocab)
             with open(os.path.join(work, "pairs.json"), "w") as f:
-                json.dump(make_pairs(args, vocab), f)
+                json.dump(pairs, f)
             flops = step_flops(args, shape, vocab)
             tokens = 2 * args.pairs * (args.prompt_len + args.completion_len)
             gemms = [[tokens, i, o] for i, o in shape["linears"]] + [[flops["ours_projected"], args.width, vocab]]
+            if args.data:  # real lengths: the useful work of the timed steps, and GEMMs of their mean shapes
+                counts = hh_step_counts(args, pairs, shape, vocab)[args.warmup:]
+                mean = {k: statistics.mean(c[k] for c in counts) for k in counts[0]}
+                flops = {"tokens": mean["ours"], "useful": mean["useful"], **{v: mean["useful"] for v in VARIANTS},
+                         "ours_projected": mean["scored"], "trl_projected": mean["scored"]}
+                gemms = ([[round(mean["real_once"]), i, o] for i, o in shape["linears"]]
+                         + [[round(mean["scored"]), args.width, vocab]])
+                print(f"  real HH pairs, mean over the timed steps: {mean['real_once']:.0f} real tokens with each prompt "
+                      f"once ({mean['real_twice']:.0f} with it twice); computed: ours {mean['ours']:.0f} "
+                      f"({mean['ours_rows']:.1f} packed rows), TRL {mean['trl']:.0f} (2 x {args.pairs} padded rows); "
+                      f"TRL / ours {mean['trl'] / mean['ours']:.2f}x, ours / real {mean['ours'] / mean['real_once']:.2f}x")
             with open(os.path.join(work, "shapes.json"), "w") as f:
                 json.dump(gemms, f)
             print(f"V={vocab}: {shape['params'] / 1e6:.1f}M parameters; LM head projects {flops['ours_projected']} "
@@ -453,13 +536,24 @@ def main(args):
             matmuls[vocab] = matmul
             print(f"  matmul reference (step's GEMM shapes): {matmul['flop_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
             results = {}
-            for variant in ["ours"] + [v for v in args.variants if v != "ours"]:  # ours first: the losses to compare
-                results[variant] = spawn(args, variant, work, vocab)
-                r = results[variant]
-                optimizer = f", TRL optim {r['optim'].split('.')[-1].lower()}" if "optim" in r else ""
-                print(f"  {variant}: {statistics.median(r['step_times_s'][args.warmup:]):.3f} s/step, peak RSS "
-                      f"{r['peak_rss_bytes'] / 1e9:.2f} GB, losses {' '.join(f'{x:.5f}' for x in r['losses'])} "
-                      f"({r['wall_s']:.0f} s wall{optimizer})", flush=True)
+            for rnd in range(args.rounds):  # ABAB: every variant once per round, in the same order
+                for variant in ["ours"] + [v for v in args.variants if v != "ours"]:  # ours first: its losses
+                    r = spawn(args, variant, work, vocab)
+                    r["step_times_s"] = r["step_times_s"][args.warmup:]
+                    r["round_step_s"] = [statistics.mean(r["step_times_s"])]
+                    optimizer = f", TRL optim {r['optim'].split('.')[-1].lower()}" if "optim" in r else ""
+                    print(f"  round {rnd + 1} {variant}: {statistics.median(r['step_times_s']):.3f} s/step median, "
+                          f"{r['round_step_s'][0]:.3f} mean, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB, losses "
+                          f"{' '.join(f'{x:.5f}' for x in r['losses'])} ({r['wall_s']:.0f} s wall{optimizer})", flush=True)
+                    if variant in results:  # merge the rounds: all timed steps, the highest peak
+                        kept = results[variant]
+                        kept["step_times_s"] += r["step_times_s"]
+                        kept["round_step_s"] += r["round_step_s"]
+                        for key in ("peak_rss_bytes", "cuda_peak_bytes"):
+                            if key in r:
+                                kept[key] = max(kept[key], r[key])
+                    else:
+                        results[variant] = r
             for variant in VARIANTS:
                 if variant in results and variant in args.variants:
                     rows.append(summarize(args, vocab, results[variant], flops, matmul, results["ours"]["losses"]))
@@ -506,6 +600,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="bfloat16: fp32 weights under bf16 autocast (CUDA only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1, help="run every variant this many times, interleaved (ABAB)")
+    p.add_argument("--data", help="real pairs (e.g. data/hh-rlhf-harmless-base-test.jsonl.gz) instead of random ids: "
+                                  "--hh-pairs of them, a different batch of --pairs each step")
+    p.add_argument("--hh-pairs", type=int, default=40)
+    p.add_argument("--tokenizer", default=os.path.join(REPO_ROOT, "models", "smollm2-135m"),
+                   help="tokenizer folder for --data (the converted SmolLM2-135M, see README)")
+    p.add_argument("--max-prompt-len", type=int, default=256)
+    p.add_argument("--max-answer-len", type=int, default=128)
     p.add_argument("--json", default=None, help="also write the results here (atomically)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_work", default=None, help=argparse.SUPPRESS)
@@ -516,6 +618,9 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.dtype == "bfloat16" and not args.device.startswith("cuda"):
         p.error("--dtype bfloat16 needs --device cuda (on CPU both run fp32)")
+    if args.data:  # one epoch of distinct batches
+        args.steps = args.hh_pairs // args.pairs
+        args.prompt_len, args.completion_len = args.max_prompt_len, args.max_answer_len  # for the model's max positions
     if args.steps <= args.warmup:
         p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
     if args.completion_len < 2 or args.prompt_len < 1:

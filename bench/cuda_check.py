@@ -12,7 +12,7 @@ Each check prints one line "PASS | FAIL  name: measured (bound)" and the script 
   train      two DPO steps of train_policy.py under bf16 autocast (--bf16) against the same steps in fp32: losses
              within 2e-2, and the final weights within bf16's step-size noise;
   lora-7b    one LoRA (r 16, every module) DPO step at Qwen2.5-7B's shape with random weights (bf16 frozen base,
-             fp32 adapters), 4 pairs of 512 + 256 tokens, gradient checkpointing: its peak memory beside the estimate;
+             fp32 adapters), 4 pairs of 512 + 2 x 256 tokens, gradient checkpointing: its peak memory beside the estimate;
 then, as subprocesses: bench/bench_dpo_step.py --preset qwen2.5-0.5b --device cuda --dtype bfloat16 against TRL,
 and python eval.py --quick. Their output is kept in --out.
 """
@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cwpo  # noqa: E402
+import data  # noqa: E402
 import model as M  # noqa: E402
 
 RESULTS = []
@@ -204,16 +205,16 @@ def check_lora_7b(device, small):
     policy.grad_checkpointing = True
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
-    tokens = pairs * 2 * (prompt_len + answer_len)
-    ids = torch.randint(3, hf["vocab_size"], (2 * pairs, prompt_len + answer_len), device=device)
-    attention = torch.ones_like(ids)
-    completion = torch.zeros_like(ids)
-    completion[:, prompt_len:] = 1
+    tokens = pairs * (prompt_len + 2 * answer_len)  # the packed layout computes each prompt once
+    draw = lambda n: torch.randint(3, hf["vocab_size"], (n,)).tolist()  # noqa: E731
+    examples = [{"prompt_ids": draw(prompt_len), "chosen_ids": draw(answer_len), "rejected_ids": draw(answer_len)}
+                for _ in range(pairs)]
+    batch = {k: v.to(device) for k, v in data.collate(examples, pad_id=0).items()}
     sync(device)
     memory(device, reset=True)
     t0 = time.time()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logps = cwpo.sequence_logps(policy, ids, attention, completion)["logps"]
+        logps = cwpo.sequence_logps(policy, batch)["logps"]
         chosen, rejected = logps.float().chunk(2)
         loss = cwpo.preference_loss("sigmoid", chosen, rejected, chosen.detach(), rejected.detach(), 0.1).mean()
     loss.backward()

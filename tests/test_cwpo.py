@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import cwpo
+import data
 
 
 def naive_token_logps(hidden, weight, targets, bias=None):
@@ -137,74 +138,128 @@ def test_kernel_under_autocast_matches_bf16_naive():
 
 
 # ---------------------------------------------------------------------------------------------------
-# sequence_logps on our model against full logits
+# sequence_logps in the packed layout (data.collate) against today's two-row layout, written out here
 
 
-class TinyLM(torch.nn.Module):
-    """Stands in for model.GPT: embedding -> tanh -> LM head with a bias (to exercise the bias path)."""
-
-    def __init__(self, vocab=30, d=8):
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, d)
-        self.mix = torch.nn.Linear(d, d)
-        self.lm_head = torch.nn.Linear(d, vocab, bias=True)
-
-    def forward(self, input_ids, attention_mask=None, return_hidden=False):
-        h = torch.tanh(self.mix(self.emb(input_ids).cumsum(dim=1)))  # causal: position t sees tokens <= t
-        return h if return_hidden else self.lm_head(h)
+def tiny_gpt(family, seed=0, dtype=torch.float64):
+    """A random model.GPT of each position scheme: RoPE (llama), learned (gpt2), learned with OPT's offset 2."""
+    from model import GPT, config_from_hf
+    hf = {"llama": dict(model_type="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=32, max_position_embeddings=64),
+          "gpt2": dict(model_type="gpt2", n_embd=16, n_layer=2, n_head=4, n_positions=64),
+          "opt": dict(model_type="opt", hidden_size=16, num_hidden_layers=2, num_attention_heads=4, ffn_dim=32,
+                      max_position_embeddings=64)}[family]
+    torch.manual_seed(seed)
+    return GPT(config_from_hf(dict(hf, vocab_size=40))).init_weights(0.3).to(dtype)
 
 
-def layout_batch(vocab=30, seed=0):
-    """Two pairs in the batch layout, right-padded with 0; the last rejected row has no answer token at all."""
+# (prompt, chosen, rejected) lengths: ragged; a 24-token prompt (as --max-prompt-len 24 leaves it) longer than
+# every other whole pair; one-token answers; short pairs that pack into one row beside each other
+CASES = [(5, 3, 7), (24, 2, 4), (2, 1, 1), (3, 6, 1), (1, 2, 3), (4, 4, 4)]
+
+
+def make_pairs(seed=0, cases=CASES):
     gen = torch.Generator().manual_seed(seed)
-    lengths = [(3, 4), (2, 5), (3, 2), (2, 0)]  # (prompt, answer) per row: chosen rows, then rejected rows
-    T = max(p + a for p, a in lengths)
-    input_ids = torch.zeros(4, T, dtype=torch.long)
-    attention_mask, completion_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
-    for i, (p, a) in enumerate(lengths):
-        input_ids[i, :p + a] = torch.randint(1, vocab, (p + a,), generator=gen)
-        attention_mask[i, :p + a] = 1
-        completion_mask[i, p:p + a] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-            "weight": torch.tensor([0.3, 0.9])}
+    ids = lambda n: torch.randint(3, 40, (n,), generator=gen).tolist()  # noqa: E731
+    pairs = [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)} for p, c, r in cases]
+    pairs[0]["rejected_ids"][:2] = pairs[0]["chosen_ids"][:2]  # two answers sharing their first tokens
+    return pairs
 
 
-def naive_sequence_logps(lm, batch):
-    logits = lm(batch["input_ids"], batch["attention_mask"]).double()
-    per_token = logits[:, :-1].log_softmax(-1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
-    return per_token * batch["completion_mask"][:, 1:]
+def two_row_logps(model, pairs, pad_id=0):
+    """Today's layout: rows prompt + chosen, then prompt + rejected, right-padded; full logits, log_softmax, gather.
+    -> per answer (chosen ones, then rejected ones) the log-prob of each answer token after the first prompt token."""
+    rows = [(p["prompt_ids"], p[key]) for key in ("chosen_ids", "rejected_ids") for p in pairs]
+    T = max(len(x) + len(y) for x, y in rows)
+    ids = torch.tensor([x + y + [pad_id] * (T - len(x) - len(y)) for x, y in rows])
+    attention = torch.tensor([[1] * (len(x) + len(y)) + [0] * (T - len(x) - len(y)) for x, y in rows])
+    log_probs = model(ids, attention)[:, :-1].double().log_softmax(-1)
+    return [log_probs[r, len(x) - 1 + torch.arange(len(y)), torch.tensor(y)] for r, (x, y) in enumerate(rows)]
 
 
-def test_sequence_logps_matches_full_logits():
-    torch.manual_seed(0)
-    lm, batch = TinyLM().double(), layout_batch()
-    out = cwpo.sequence_logps(lm, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size=3)
-    ref = naive_sequence_logps(lm, batch)
-    torch.testing.assert_close(out["token_logps"], ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(out["logps"], ref.sum(dim=1), rtol=1e-10, atol=1e-10)
-    assert out["n_tokens"].tolist() == [4, 5, 2, 0] and out["logps"][3] == 0  # a row without answer tokens
-    grads = torch.autograd.grad(out["logps"].sum(), list(lm.parameters()))
-    ref_grads = torch.autograd.grad(ref.sum(), list(lm.parameters()))
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_packed_layout_matches_two_row_layout(family):
+    model, pairs = tiny_gpt(family), make_pairs()
+    batch = data.collate(pairs, pad_id=0)
+    assert batch["input_ids"].shape[0] < len(pairs)  # pairs of different lengths share rows
+    out = cwpo.sequence_logps(model, batch, chunk_size=5, ld_alpha=0.3, wpo=True)
+    plain = cwpo.sequence_logps(model, batch)
+    ref = two_row_logps(model, pairs)
+    torch.testing.assert_close(plain["logps"], torch.stack([r.sum() for r in ref]), rtol=1e-10, atol=1e-10)
+    assert out["n_tokens"].tolist() == [len(r) for r in ref]
+    B = len(pairs)
+    for a, r in enumerate(ref):  # LD-DPO: the first min(n+, n-) tokens at weight 1, the rest at ld_alpha
+        shared = min(len(ref[a % B]), len(ref[a % B + B]))
+        assert out["logps"][a].item() == pytest.approx((r[:shared].sum() + 0.3 * r[shared:].sum()).item(), rel=1e-10)
+    grads = torch.autograd.grad(plain["logps"] @ torch.linspace(-1, 1, 2 * B, dtype=torch.float64),
+                                list(model.parameters()))
+    ref_grads = torch.autograd.grad(torch.stack([r.sum() for r in ref]) @ torch.linspace(-1, 1, 2 * B, dtype=torch.float64),
+                                    list(model.parameters()))
+    for g, r in zip(grads, ref_grads):  # model.RMSNorm computes in fp32: relative to the gradient's norm
+        assert (g - r).norm() <= 1e-6 * r.norm()
 
 
-def test_ld_alpha_and_wpo_weights_match_naive_loops():
-    torch.manual_seed(1)
-    lm, batch = TinyLM().double(), layout_batch()
-    out = cwpo.sequence_logps(lm, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                              ld_alpha=0.25, wpo=True)
-    per_token = naive_sequence_logps(lm, batch)
-    mask = batch["completion_mask"][:, 1:].bool()
-    logits = lm(batch["input_ids"])[:, :-1].double()
-    for row in range(4):
-        pair_row = (row + 2) % 4
-        shared = min(int(mask[row].sum()), int(mask[pair_row].sum()))
-        answer = per_token[row][mask[row]]
-        assert out["logps"][row].item() == pytest.approx((answer[:shared].sum() + 0.25 * answer[shared:].sum()).item())
-        log_sum_sq = torch.logsumexp(2 * logits[row].log_softmax(-1), dim=-1)[mask[row]]  # log sum_v p_v^2
-        expected = torch.exp((answer - log_sum_sq).mean()) if len(answer) else torch.tensor(1.0)
-        assert out["wpo_weights"][row].item() == pytest.approx(expected.item(), rel=1e-6)
+def test_wpo_weights_match_naive():
+    model, pairs = tiny_gpt("llama"), make_pairs()
+    out = cwpo.sequence_logps(model, data.collate(pairs, 0), wpo=True)
+    for a, (p, key) in enumerate((p, key) for key in ("chosen_ids", "rejected_ids") for p in pairs):
+        ids = torch.tensor(p["prompt_ids"] + p[key])[None]
+        log_probs = model(ids)[0, len(p["prompt_ids"]) - 1:-1].log_softmax(-1)
+        answer = log_probs.gather(1, ids[0, len(p["prompt_ids"]):, None])[:, 0]
+        expected = torch.exp((answer - torch.logsumexp(2 * log_probs, -1)).mean())  # WPO: log sum_v p_v^2
+        assert out["wpo_weights"][a].item() == pytest.approx(expected.item(), rel=1e-6)  # fp32 kernel
+
+
+LOSS_OPTIONS = {"exo_pair": {"label_smoothing": 1e-3}, "robust": {"label_smoothing": 0.2}}
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_every_loss_and_gradient_matches_two_row_layout_fp32(family):
+    """Every loss family of cwpo.LOSS_TYPES, its value and gradients, in fp32 to 1e-5: packed layout against
+    the two-row layout's log-probs fed to preference_loss."""
+    model, pairs = tiny_gpt(family, seed=1, dtype=torch.float32), make_pairs(seed=1)
+    B = len(pairs)
+    batch = data.collate(pairs, 0, weights=torch.linspace(0.2, 1.0, B))
+    ref_chosen, ref_rejected = -20 * torch.rand(B), -20 * torch.rand(B)
+    for name in cwpo.LOSS_TYPES:
+        weights = torch.ones(B) if name.startswith("aot") else batch["weight"]
+        batch["weight"] = weights
+        loss, _ = cwpo.batch_loss(model, batch, ref_chosen, ref_rejected, name, beta=0.3, **LOSS_OPTIONS.get(name, {}))
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        ref = two_row_logps(model, pairs)
+        logps, n = torch.stack([r.sum() for r in ref]).float(), torch.tensor([len(r) for r in ref])
+        losses = cwpo.preference_loss(name, logps[:B], logps[B:], ref_chosen, ref_rejected, 0.3, n[:B], n[B:],
+                                      **LOSS_OPTIONS.get(name, {}))
+        expected = (weights * losses).mean()
+        ref_grads = torch.autograd.grad(expected, list(model.parameters()))
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5, msg=name)
+        for g, r in zip(grads, ref_grads):
+            assert (g - r).norm() <= 1e-5 * r.norm() + 1e-7, name
+
+
+def test_packed_layout_fields():
+    """The layout the docstring draws: positions restart after the prompt for each answer, the first rejected
+    token is predicted from the prompt's last position, pads are never scored, last_index ends each answer."""
+    pairs = make_pairs()
+    batch = data.collate(pairs, pad_id=0)
+    T = batch["input_ids"].shape[1]
+    flat = {k: batch[k].flatten() for k in ("input_ids", "position_ids", "segment_ids", "branch_ids")}
+    assert T == max(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    assert (flat["segment_ids"] >= 0).sum() == sum(len(p["prompt_ids"] + p["chosen_ids"] + p["rejected_ids"]) for p in pairs)
+    B = len(pairs)
+    for i, p in enumerate(pairs):
+        where = lambda branch: ((flat["segment_ids"] == i) & (flat["branch_ids"] == branch)).nonzero()[:, 0]  # noqa: E731
+        prompt, chosen, rejected = where(0), where(1), where(2)
+        for index, ids, first in ((prompt, p["prompt_ids"], 0), (chosen, p["chosen_ids"], len(p["prompt_ids"])),
+                                  (rejected, p["rejected_ids"], len(p["prompt_ids"]))):
+            assert flat["input_ids"][index].tolist() == ids
+            assert flat["position_ids"][index].tolist() == list(range(first, first + len(ids)))
+        for a, answer in ((i, chosen), (B + i, rejected)):
+            scored = batch["score_answer"] == a
+            assert batch["score_index"][scored].tolist() == [prompt[-1].item()] + answer[:-1].tolist()
+            assert batch["score_target"][scored].tolist() == flat["input_ids"][answer].tolist()
+            assert batch["last_index"][a] == answer[-1]
+    assert (flat["segment_ids"][batch["score_index"]] >= 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,13 +362,12 @@ def test_every_loss_type_runs_and_unknown_names_are_clear_errors():
 
 
 def test_batch_loss_weights_and_errors():
-    torch.manual_seed(2)
-    lm, batch = TinyLM(), layout_batch()
-    batch["completion_mask"][3, 1] = 1  # give the second rejected answer one token
+    lm, pairs = tiny_gpt("llama", seed=2, dtype=torch.float32), make_pairs(seed=2, cases=[(3, 4, 1), (2, 5, 2)])
+    batch = data.collate(pairs, 0, weights=[0.3, 0.9])
     ref_chosen, ref_rejected = torch.tensor([-9.0, -12.0]), torch.tensor([-6.0, -3.0])
     loss, metrics = cwpo.batch_loss(lm, batch, ref_chosen, ref_rejected, beta=0.5)
     with torch.no_grad():
-        logps = naive_sequence_logps(lm, batch).sum(dim=1).float()
+        logps = torch.stack([r.sum() for r in two_row_logps(lm, pairs)]).float()
         delta = (logps[:2] - ref_chosen) - (logps[2:] - ref_rejected)
         expected = (batch["weight"] * -F.logsigmoid(0.5 * delta)).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

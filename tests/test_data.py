@@ -253,42 +253,36 @@ def test_encode_truncates_prompt_from_the_left_and_answer_from_the_right(tok):
     assert single == {"prompt_ids": short["prompt_ids"], "answer_ids": short["chosen_ids"]}
 
 
-def test_collate_layout_masks_and_padding(tok):
+def test_collate_layout_prompt_once_answers_after_it(tok):
     pairs = [("\n\nHuman: Can you suggest a drink?\n\nAssistant:", " Try the lemonade.", " Whatever."),
              ("\n\nHuman: What dinner should I get? I like spicy food.\n\nAssistant:", " Try the chicken curry. "
               "It is spicy and creamy. Enjoy!", " I do not know what to get."),
              ("\n\nHuman: Hi\n\nAssistant:", " Hello!", " Ugh, fine. Figure it out yourself.")]
     examples = [data.encode_pair(tok, p, c, r, 64, 64) for p, c, r in pairs]
     batch = data.collate(examples, tok.pad_id)
-    B = len(pairs)
-    rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
-    T = max(len(tok.encode(p).ids) + len(tok.encode(a, add_special_tokens=False).ids) + 1 for p, a in rows)
-    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "weight"}
-    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["completion_mask"].shape == (2 * B, T)
-    assert all(batch[k].dtype == torch.long for k in ("input_ids", "attention_mask", "completion_mask"))
+    B, (R, T) = len(pairs), batch["input_ids"].shape
+    lengths = [len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples]
+    assert T == max(lengths) and R < B  # rows as long as the longest pair; the two shorter ones share a row
+    assert all(batch[k].dtype == torch.long for k in batch if k != "weight")
     assert batch["weight"].dtype == torch.float32 and torch.equal(batch["weight"], torch.ones(B))
-    for i, (prompt, answer) in enumerate(rows):
-        n_prompt = len(tok.encode(prompt).ids)
-        n_answer = len(tok.encode(answer, add_special_tokens=False).ids) + 1
-        ids, attn, comp = batch["input_ids"][i], batch["attention_mask"][i], batch["completion_mask"][i]
-        assert attn.tolist() == [1] * (n_prompt + n_answer) + [0] * (T - n_prompt - n_answer)
-        assert comp.tolist() == [0] * n_prompt + [1] * n_answer + [0] * (T - n_prompt - n_answer)
-        assert (ids[attn == 0] == tok.pad_id).all()
-        assert tok.decode(ids[:n_prompt].tolist()) == prompt
-        answer_ids = ids[comp == 1].tolist()
-        assert answer_ids[-1] == tok.eos_id and tok.decode(answer_ids[:-1], skip_special_tokens=False) == answer
-    assert torch.equal(batch["input_ids"][:B, :3], batch["input_ids"][B:, :3])  # a pair shares its prompt
+    ids, segment, branch = (batch[k].flatten() for k in ("input_ids", "segment_ids", "branch_ids"))
+    assert (ids[segment < 0] == tok.pad_id).all() and int((segment < 0).sum()) == R * T - sum(lengths)
+    for i, (prompt, chosen, rejected) in enumerate(pairs):
+        part = lambda b: ids[(segment == i) & (branch == b)].tolist()  # noqa: E731
+        assert tok.decode(part(0)) == prompt
+        for b, answer in ((1, chosen), (2, rejected)):
+            assert part(b)[-1] == tok.eos_id and tok.decode(part(b)[:-1], skip_special_tokens=False) == answer
+            assert batch["score_target"][batch["score_answer"] == (b - 1) * B + i].tolist() == part(b)
     weighted = data.collate(examples, tok.pad_id, weights=[0.5, 0.0, 1.0])
     assert torch.equal(weighted["weight"], torch.tensor([0.5, 0.0, 1.0]))
     assert torch.equal(data.collate([dict(ex, weight=0.25) for ex in examples], tok.pad_id)["weight"],
                        torch.full((B,), 0.25))
     with pytest.raises(ValueError, match="weights"):
         data.collate(examples, tok.pad_id, weights=[1.0])
-    singles = [data.encode_prompt_answer(tok, p, c, 64, 64) for p, c, _ in pairs]
-    single_batch = data.collate(singles, tok.pad_id)
-    T1 = single_batch["input_ids"].shape[1]
-    assert single_batch["input_ids"].shape == (B, T1) and torch.equal(single_batch["input_ids"], batch["input_ids"][:B, :T1])
-    assert torch.equal(single_batch["completion_mask"], batch["completion_mask"][:B, :T1])
+    singles = data.collate([data.encode_prompt_answer(tok, p, c, 64, 64) for p, c, _ in pairs], tok.pad_id)
+    for i, (prompt, chosen, _) in enumerate(pairs):  # single sequences: one answer each, answer i
+        assert tok.decode(singles["score_target"][singles["score_answer"] == i].tolist()[:-1]) == chosen
+    assert len(singles["last_index"]) == B and (singles["input_ids"].flatten()[singles["last_index"]] == tok.eos_id).all()
 
 
 def test_iterate_batches():

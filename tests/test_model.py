@@ -362,3 +362,48 @@ def test_merged_lora_loads_in_transformers_and_changes_only_its_modules_by_rank_
     for k in changed:  # singular values past the r-th: fp32 rounding of W + delta only
         singular = torch.linalg.svdvals((after[k] - before[k]).double())
         assert singular[rank] < 1e-4 * singular[0], (k, singular[:rank + 1])
+
+
+# --- the packed layout (data.collate): the attention rule on both paths, the reward read at each answer's end
+
+
+def packed_pairs():
+    gen = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(3, 40, (n,), generator=gen).tolist()  # noqa: E731
+    return [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)}
+            for p, c, r in [(9, 4, 6), (3, 2, 1), (2, 3, 3), (5, 1, 2)]]
+
+
+def test_flex_attention_block_mask_equals_sdpa_mask():
+    """The CUDA path (FlexAttention block mask from model.visible) against the CPU path (a dense boolean mask
+    through SDPA), on CPU with eager FlexAttention: the same rule gives the same attention output."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    import data
+    from model import visible
+    batch = data.collate(packed_pairs(), pad_id=0)
+    R, T = batch["input_ids"].shape
+    seg, branch = batch["segment_ids"], batch["branch_ids"]
+    block = create_block_mask(lambda b, h, q, k: visible(seg, branch, b, q, k), R, None, T, T, device="cpu")
+    index = torch.arange(T)
+    dense = visible(seg, branch, torch.arange(R)[:, None, None], index[:, None], index)[:, None]
+    q, k, v = (torch.randn(R, 4, T, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=block), sdpa, rtol=1e-5, atol=1e-5)
+    assert not dense[0, 0, 4 + 9, 9]  # pair 0's first rejected token does not see its first chosen one
+    assert dense[0, 0, 4 + 9, 8] and dense[0, 0, 9, 8]  # both see the prompt's last token
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "opt-proj"])
+def test_reward_model_reads_each_answer_end_in_packed_rows(name, tmp_path):
+    """Packed scores equal transformers' *ForSequenceClassification on one unpadded row per answer."""
+    import data
+    hf = hf_model(name, cls=T.AutoModelForSequenceClassification, num_labels=1)
+    hf.save_pretrained(str(tmp_path))
+    rm = load_model(str(tmp_path), reward=True)
+    pairs = packed_pairs()
+    batch = data.collate(pairs, pad_id=0)
+    with torch.no_grad():
+        scores = rm(batch["input_ids"], layout=batch)
+        alone = [hf(input_ids=torch.tensor([p["prompt_ids"] + p[key]])).logits[:, 0]
+                 for key in ("chosen_ids", "rejected_ids") for p in pairs]
+    torch.testing.assert_close(scores, torch.cat(alone), rtol=1e-5, atol=1e-5)

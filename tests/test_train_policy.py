@@ -292,8 +292,7 @@ def test_one_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_world, t
     encoded = [data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len,
                                 args.max_answer_len) for p in pairs]
     batch = data.collate(encoded, tok.pad_id)
-    logps = lambda m: cwpo.sequence_logps(m, batch["input_ids"], batch["attention_mask"],  # noqa: E731
-                                          batch["completion_mask"])["logps"]
+    logps = lambda m: cwpo.sequence_logps(m, batch)["logps"]  # noqa: E731
     with torch.no_grad():
         ref_chosen, ref_rejected = logps(reference).chunk(2)
     chosen, rejected = logps(fresh).chunk(2)
@@ -488,8 +487,7 @@ def test_one_lora_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_wor
     fresh = load_model(tiny_world["model"], dtype=torch.float32)  # the plain model: W, without any adapter
     batch = data.collate([data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len,
                                            args.max_answer_len) for p in pairs], tok.pad_id)
-    logps = lambda m: cwpo.sequence_logps(m, batch["input_ids"], batch["attention_mask"],  # noqa: E731
-                                          batch["completion_mask"])["logps"]
+    logps = lambda m: cwpo.sequence_logps(m, batch)["logps"]  # noqa: E731
     with torch.no_grad():
         ref_chosen, ref_rejected = logps(reference).chunk(2)
     chosen, rejected = logps(fresh).chunk(2)
