@@ -340,7 +340,7 @@ def sequence_logps(model, batch, chunk_size=DEFAULT_CHUNK_SIZE, ld_alpha=None, w
       "wpo_weights" [A]       only with wpo=True: exp(mean_t (log p(y_t) - log sum_v p_v^2)), no gradient (WPO Eq. 2)
     """
     hidden = model(batch["input_ids"], return_hidden=True, layout=batch)  # [R, T, d]
-    lm_head = getattr(model, "module", model).lm_head  # unwrap DistributedDataParallel
+    lm_head = model.lm_head
     hidden = hidden.flatten(0, 1)[batch["score_index"]]  # [N, d]
     flat = token_logps(hidden, lm_head.weight, batch["score_target"], lm_head.bias, chunk_size)
     answer, n_answers = batch["score_answer"], len(batch["last_index"])

@@ -8,6 +8,7 @@ and writes the same layout back so that transformers loads what we saved.
     rm = load_model("opt-125m", reward=True)      # backbone + scalar head
     hidden = model(ids, mask, return_hidden=True) # [B, T, d], LM head not applied
 """
+import functools
 import json
 import os
 import pathlib
@@ -147,14 +148,10 @@ def visible(segment_ids, branch_ids, b, q, k):
     same = (segment == segment_ids[b, k]) & (segment >= 0) & (k <= q)
     return (same & ((branch_ids[b, k] == 0) | (branch_ids[b, k] == branch_ids[b, q]))) | (q == k)
 
+@functools.cache
 def compiled_flex_attention():
     """FlexAttention compiled once (its eager form materializes the full score matrix)."""
-    global _flex
-    if _flex is None:
-        _flex = torch.compile(flex_attention, dynamic=False)
-    return _flex
-
-_flex = None
+    return torch.compile(flex_attention, dynamic=False)
 
 class MLP(nn.Module):
     """SwiGLU down(act(gate(x)) * up(x)) for Llama / Qwen2, down(act(up(x))) for GPT-2 / OPT."""
