@@ -19,10 +19,14 @@ def fake_results(n_seeds):
     for s in range(n_seeds):
         confidence = rng.random(50)
         report = train_weak.annotator_report(confidence, rng.random(50) < 0.5 + confidence / 2)
-        seeds.append({"annotator_vs_gold": report, "human_vs_gold": 0.7,
-                      "methods": {m: {"gra": 60.0 + 7 * s + 3 * i * (s + 1), "gra_greedy": 55.0} for i, m in enumerate(methods)}})
-    run = {"labeled_fraction": 0.3, "seeds": seeds, "summary": world.summarize(seeds, methods),
-           "checks": world.world_checks(seeds)}
+        gra = {m: 60.0 + 7 * s + 3 * i * (s + 1) for i, m in enumerate(methods)}
+        seeds.append({"annotator_vs_gold": report, "human_vs_gold": 0.7, "shorter": {"annotator": 0.8, "humans": 0.6},
+                      "methods": {m: {"gra": g, "gra_judge": g - 5, "gra_greedy": 55.0, "words": 9.0}
+                                  for m, g in gra.items()}})
+    judge = {"pairs": 250, "vs_gold": 0.75, "gold_shorter": 0.68, "shorter": 0.7, "sft_words": 11.0}
+    run = {"labeled_fraction": 0.3, "noise": "random", "judge": judge, "seeds": seeds,
+           "summary": world.summarize(seeds, methods), "summary_judge": world.summarize(seeds, methods, "gra_judge"),
+           "checks": world.world_checks(seeds), "claims": world.claims(seeds, methods)}
     return world.finite_or_null({"args": {"eval_prompts": 60, "samples": 4, "pairs": 50}, "runs": [run], "seconds": 6})
 
 
@@ -35,7 +39,7 @@ def test_one_seed_gives_no_interval_no_verdict_and_valid_json():
     table = figures.results_markdown(results, world.REFERENCE)
     assert f"| CW-DPO | {row['gra']:.1f} | {row['diff']:+.1f} |  |" in table and "nan" not in table
     svgs = figures.render_figures(results)
-    assert sorted(svgs) == ["gra-30.svg", "reliability-30.svg"]
+    assert sorted(svgs) == ["gra-30.svg", "gra-judge-30.svg", "reliability-30.svg"]
     assert not any('"nan' in svg or "nan\"" in svg for svg in svgs.values())  # bug: x1="nan" coordinates
 
 
@@ -64,4 +68,5 @@ def test_bad_results_files_are_one_line_and_write_no_figure(tmp_path):
     (tmp_path / "good.json").write_text(json.dumps(good))
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "figures.py"), str(tmp_path / "good.json"),
                           str(tmp_path / "ok")], capture_output=True, text=True)
-    assert run.returncode == 0 and sorted(os.listdir(tmp_path / "ok")) == ["gra-30.svg", "reliability-30.svg"]
+    assert run.returncode == 0 and sorted(os.listdir(tmp_path / "ok")) == ["gra-30.svg", "gra-judge-30.svg",
+                                                                      "reliability-30.svg"]
