@@ -1,13 +1,12 @@
 """Confidence-Weighted Preference Optimization (CW-PO): the method in one module.
 
 Paper: "When Weak LLMs Speak with Confidence, Preference Alignment Gets Stronger" (Afzali, Jeon, Brbic; ICLR 2026;
-arXiv 2603.04968). Read in order, the method first and the machinery last: the weak labels (`confidence`,
+arXiv 2603.04968). Read in order, the method first, the machinery last: the weak labels (`confidence`,
 `top_fraction_mask`, and `bt_loss`, the annotator's objective); CW-PO (`weighted_mean`, the objective E[C * l],
 `batch_loss`, and `win_rate`, the paper's Gold Reward Accuracy); the pairwise losses l, one small function each,
-dispatched by `preference_loss` and defined as TRL 1.16's trainers define them (tested against them in
-tests/test_cwpo_trl.py); `sequence_logps`, the one log-prob function every script calls; the fused LM-head kernel
-behind it. Every piece is a pure function of tensors (or an autograd Function) and imports only torch, so each can
-be copied alone.
+dispatched by `preference_loss` and defined as TRL 1.16's trainers define them (checked in tests/test_cwpo_trl.py);
+`sequence_logps`, the one log-prob function every script calls; the fused LM-head kernel behind it. Every piece is a
+pure function of tensors (or an autograd Function) that imports only torch: each can be copied alone.
 
 Batch layout (data.py's collate): packed rows input_ids / position_ids / segment_ids / branch_ids [R, T], each
 prompt once and its two answers after it; the answer tokens to score as flat indices (score_index, score_target,
@@ -130,10 +129,9 @@ def win_rate(policy_rewards, sft_rewards, n_boot=2000, seed=0):
     return {"gra": 100 * wins.mean().item(), "lo": 100 * lo, "hi": 100 * hi}
 
 # ----------------------------------------------------------------------------------- Pairwise preference losses
-# Per pair [B]. Notation: u+ = log pi(y+|x) - log pi_ref(y+|x), u- likewise, s(u) the f-divergence score
-# (s(u) = u for the reverse KL of DPO), delta = s(u+) - s(u-), n+- answer lengths.
-# Conventions (lengths, batch-level means, label smoothing) are those of TRL 1.16's DPOTrainer / CPOTrainer /
-# ORPOTrainer, to which tests/test_cwpo_trl.py compares them.
+# Per pair [B]. Notation: u+ = log pi(y+|x) - log pi_ref(y+|x), u- likewise, s(u) the f-divergence score (u for
+# DPO's reverse KL), delta = s(u+) - s(u-), n+- answer lengths. Conventions (lengths, batch-level means, label
+# smoothing) are those of TRL 1.16's DPOTrainer / CPOTrainer / ORPOTrainer (compared in tests/test_cwpo_trl.py).
 
 def f_divergence_score(logratios, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
     """f-DPO's implicit reward s(u) = f'(pi / pi_ref) (Wang et al. 2024, "Beyond Reverse KL", arXiv 2309.16240):

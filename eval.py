@@ -61,19 +61,8 @@ def main(args):
 def parse_args(argv=None):
     """The flags, checked before any work: an explicit flag wins over --quick, and --policy needs its three partners."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/experiment", help="built-in experiment: output folder")
-    p.add_argument("--quick", action="store_true", help="built-in experiment, smaller (about 2 minutes)")
-    p.add_argument("--sweep", action="store_true", help="CW-DPO against DPO at 10 / 20 / 30 %% labels")
-    p.add_argument("--study", action="store_true", help="random and systematic (length-biased) human noise")
-    p.add_argument("--seeds", type=train_policy.positive_int, default=5, help="(--quick: 2)")
-    p.add_argument("--pairs", type=train_policy.positive_int, default=2000, help="preference pairs (--quick: 800)")
-    p.add_argument("--eval-prompts", type=train_policy.positive_int, default=300, help="(--quick: 100)")
-    p.add_argument("--samples", type=train_policy.positive_int, default=4, help="sampled answers per held-out prompt")
-    p.add_argument("--sft-examples", type=train_policy.positive_int, default=4000, help="(--quick: 800)")
-    p.add_argument("--epochs", type=train_policy.positive_int, default=1, help="preference optimization epochs")
-    p.add_argument("--lr", type=train_policy.positive_float, default=1e-4, help="preference optimization learning rate")
-    p.add_argument("--beta", type=train_policy.positive_float, default=0.3)
-    p.add_argument("--labeled-fraction", type=float, help="(default 0.3; --sweep runs 0.1, 0.2 and 0.3)")
+    world.add_args(p)  # the built-in experiment's flags
+    p.add_argument("--eval-prompts", type=train_policy.positive_int, default=300, help="prompts (--quick: 100)")
     p.add_argument("--policy", help="GRA of this checkpoint against --sft, judged by --judge, on --prompts")
     p.add_argument("--sft")
     p.add_argument("--prompts", help="a pairs file whose prompts are evaluated")

@@ -233,16 +233,13 @@ class GPT(nn.Module):
         """-> (positions [B, T], attention mask: [B, 1, T, start + T] bool, a BlockMask or None, RoPE (cos, sin)
         or None).
 
-        Positions count real tokens only, so a left-padded prompt sees the same positions as an unpadded one.
-        Right padding needs no mask: causal attention alone keeps real tokens from pads (and allows SDPA's flash
-        kernels). A padding query attends to itself, so that no row of the mask is empty (its output is unused).
+        Positions count real tokens only, so a left-padded prompt sees the same positions as an unpadded one. A
+        padding query attends to itself, so that no row of the mask is empty (its output is unused).
         Packed rows (layout) take their positions from the layout and the rule `visible`: a boolean mask for SDPA
         on CPU, a FlexAttention block mask on CUDA (where a dense mask would turn SDPA's flash kernels off).
         """
         B, T = input_ids.shape
         device = input_ids.device
-        if attention_mask is not None and cache is None and not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
-            attention_mask = None  # right padding (or none)
         causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
         if layout is not None:
             pos, segment_ids, branch_ids = layout["position_ids"], layout["segment_ids"], layout["branch_ids"]
@@ -272,9 +269,8 @@ class GPT(nn.Module):
 class RewardModel(nn.Module):
     """pi_w(x, y) -> R: the backbone with its LM head replaced by a linear layer to one output.
 
-    The score is read at the last position whose attention_mask is 1 (the last real token of x ++ y, the EOS
-    included); in packed rows (layout, data.collate) at each answer's last token, layout["last_index"].
-    transformers' *ForSequenceClassification reads it at the last token that is not pad_token_id
+    The score is read at each answer's last token in data.collate's packed rows (the last real token of x ++ y,
+    the EOS included). transformers' *ForSequenceClassification reads it at the last token that is not pad_token_id
     instead; both agree unless the pad token is also the EOS token and the sequence ends with it, where
     transformers skips the EOS and we do not: we score the full sequence the policy would generate.
     """
@@ -285,15 +281,10 @@ class RewardModel(nn.Module):
         self.body = GPT(cfg, lm_head=False)
         self.score = nn.Linear(cfg.proj_dim or cfg.d_model, 1, bias=False)
 
-    def forward(self, input_ids, attention_mask=None, layout=None):
-        hidden = self.body(input_ids, attention_mask, return_hidden=True, layout=layout).to(self.score.weight.dtype)
-        if layout is not None:  # [A] scores, one per answer
-            return self.score(hidden.flatten(0, 1)[layout["last_index"]]).squeeze(-1).float()
-        if attention_mask is None:
-            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-        else:
-            last = (attention_mask * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(-1)
-        return self.score(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]).squeeze(-1).float()
+    def forward(self, input_ids, layout):
+        """input_ids, layout: a batch of data.collate -> [A] scores, one per answer, read at layout["last_index"]."""
+        hidden = self.body(input_ids, return_hidden=True, layout=layout).to(self.score.weight.dtype)
+        return self.score(hidden.flatten(0, 1)[layout["last_index"]]).squeeze(-1).float()
 
 LORA_MODULES = {"qkv": "attn.qkv", "o": "attn.o", "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}
 
@@ -459,9 +450,8 @@ def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False)
     return model.to(device)
 
 def save_model(model, path, whole=None):
-    """Write model.safetensors + config.json into the folder `path` in the HF layout, from `whole` ({name: tensor},
-    a sharded model's gathered state dict) or the model's own parameters. config.json is removed first and written
-    last: a save that a kill interrupts leaves no config.json, so no loader takes the folder for a model."""
+    """Write model.safetensors + config.json into the folder `path` in the HF layout, from `whole` (a sharded model's
+    gathered state dict) or the model's parameters; config.json is removed first, written last: no half a model."""
     cfg, reward = model.config, isinstance(model, RewardModel)
     whole, state = model.state_dict() if whole is None else whole, {}
     for ours, _ in model.named_parameters():  # a tied lm_head is not listed (HF does not store it either)
@@ -507,19 +497,20 @@ def load_tokenizer(path):
     """A tokenizers.Tokenizer from tokenizer.json, or from vocab.json + merges.txt (GPT-2/OPT folders), with the
     special ids the checkpoint declares as tok.bos_id, tok.eos_id, tok.pad_id (pad falls back to eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
+    file = os.path.join(path, "tokenizer.json")
+    if os.path.exists(file):
         try:
-            tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+            tok = Tokenizer.from_file(file)
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-            raise ValueError(f"{os.path.join(path, 'tokenizer.json')}: not a readable tokenizer ({e})") from None
+            raise ValueError(f"{file}: not a readable tokenizer ({e})") from None
     elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt")):
-        tok = Tokenizer(models.BPE.from_file(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")))
+        file = os.path.join(path, "vocab.json")
+        tok = Tokenizer(models.BPE.from_file(file, os.path.join(path, "merges.txt")))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
     else:
         raise FileNotFoundError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
-    tok.file = os.path.join(path, "tokenizer.json" if os.path.exists(os.path.join(path, "tokenizer.json"))
-                            else "vocab.json")  # named in messages
+    tok.file = file  # named in messages
     meta = {}
     for name in ("config.json", "special_tokens_map.json", "tokenizer_config.json"):  # later files win
         if os.path.exists(os.path.join(path, name)):

@@ -72,11 +72,9 @@ def parameter_counts(cfg, reward=False, lora_rank=0, lora_modules=()):
     return root + (emb if reward else cfg.vocab_size * emb * (not cfg.tie_word_embeddings)), block, adapters
 
 def memory_estimate(cfg, world_size=1, lora_rank=0, lora_modules=(), base_bytes=4, grad_accum=1, reward=False):
-    """Bytes per rank of weights, gradients and AdamW state (fp32 trainable parameters: 4 + 4 + 8 bytes each; a
-    LoRA base frozen at base_bytes), activations aside. Under FSDP each rank holds 1/world_size of every tensor
-    plus the largest group whole while it runs ("gathered": its parameters, their gradients and the flat buffer
-    these are copied into for the reduce-scatter); with --grad-accum > 1 the gradients stay whole until the last
-    micro-batch."""
+    """Bytes per rank of weights, gradients and AdamW state (trainable fp32: 4 + 4 + 8 bytes a parameter; a frozen
+    LoRA base: base_bytes), activations aside. FSDP: 1/world_size of each, plus the largest group whole while it runs
+    (its parameters, gradients and reduce-scatter buffer); with --grad-accum > 1 gradients stay whole till the last."""
     root, block, adapters = parameter_counts(cfg, reward, lora_rank, lora_modules)
     total = root + cfg.n_layer * block
     trainable = cfg.n_layer * adapters if lora_rank else total
@@ -87,9 +85,9 @@ def memory_estimate(cfg, world_size=1, lora_rank=0, lora_modules=(), base_bytes=
 
 def memory_line(cfg, args, world_size, device, reward=False):
     """The estimate for these settings, as the line each script prints at start."""
-    rank, modules = getattr(args, "lora_rank", 0), getattr(args, "lora_modules", "")  # LoRA's flags, where present
-    est = memory_estimate(cfg, world_size, rank, modules.split(",") if modules else (),
-                          2 if rank and device.type == "cuda" else 4, args.grad_accum, reward)  # bf16 LoRA base on CUDA
+    base_bytes = 2 if args.lora_rank and device.type == "cuda" else 4  # load_trainable's dtype
+    est = memory_estimate(cfg, world_size, args.lora_rank, args.lora_modules.split(","), base_bytes, args.grad_accum,
+                          reward)
     kinds = ("weights", "gradients", "optimizer", "gathered")
     return (f"memory per rank ({est['parameters'] / 1e6:.2f}M parameters, {est['trainable'] / 1e6:.2f}M trained, "
             f"{world_size} rank(s)): " + " + ".join(f"{k} {est[k] / 2**30:.2f}" for k in kinds) +
@@ -167,8 +165,7 @@ def save_checkpoint(model, optimizer, step, args, rank):
     optim = get_optimizer_state_dict(model, optimizer, options=options)
     if rank != 0:  # every rank took part in gathering
         return
-    tmp = os.path.join(args.out, f"checkpoint-{step}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = os.path.join(args.out, f"checkpoint-{step}.tmp")  # tidy() removed any left by a kill
     os.makedirs(tmp)
     state = {"model": params, "optimizer": optim, "step": step, "settings": settings(args)}
     torch.save(state, os.path.join(tmp, "train_state.pt"))
@@ -206,9 +203,8 @@ def resume(model, optimizer, args, log):
     return state["step"]
 
 def tidy(out, step):
-    """Remove what a killed save left (checkpoint-STEP.tmp, atomic_write's *.tmp) and keep log.jsonl's records up
-    to `step` (none for a fresh run): a step run again after a kill is logged once; a last line without its newline
-    is half a record that a kill left."""
+    """Remove what a killed save left (*.tmp) and keep log.jsonl's records up to `step` (none for a fresh run): a step
+    run again after a kill is logged once; a last line without its newline is half a record that a kill left."""
     for leftover in (n for n in os.listdir(out) if n.endswith(".tmp")):
         remove(os.path.join(out, leftover))
     path = os.path.join(out, "log.jsonl")
@@ -330,14 +326,17 @@ def encode_examples(tok, pairs, args):
         ex["weight"] = w
     return examples
 
-def load_trainable(args, device, reward=False):
-    """args.model to train: all of it in fp32, or with --lora-rank a frozen base (bf16 on CUDA) with LoRA adapters."""
+def load_trainable(args, tok, device, reward=False):
+    """args.model to train: all of it in fp32, or with --lora-rank a frozen base (bf16 on CUDA) with LoRA adapters;
+    checked to embed tok's ids and --max-prompt-len + --max-answer-len positions (model.check_fits)."""
     modules = args.lora_modules.split(",")
     if args.lora_rank < 0 or not args.lora_alpha > 0 or set(modules) - set(LORA_MODULES):
         raise ValueError(f"--lora-rank must be >= 0, --lora-alpha > 0, --lora-modules a comma list of "
                          f"{','.join(LORA_MODULES)}; got {args.lora_rank}, {args.lora_alpha}, {args.lora_modules!r}")
     dtype = torch.bfloat16 if args.lora_rank and device.type == "cuda" else torch.float32
     model = load_model(args.model, dtype=dtype, device=device, reward=reward)
+    check_fits(args.model, model.config, tok, args.max_prompt_len + args.max_answer_len,
+               f"--max-prompt-len {args.max_prompt_len} + --max-answer-len {args.max_answer_len}")
     return apply_lora(model, args.lora_rank, args.lora_alpha, modules) if args.lora_rank else model
 
 def main(args):
@@ -348,8 +347,7 @@ def main(args):
     if args.batch_size < world_size:
         raise ValueError(f"--batch-size {args.batch_size} is smaller than the {world_size} ranks: each needs a pair")
     tok = load_tokenizer(args.model)
-    model = load_trainable(args, device)
-    check_lengths(model.config, tok, args)
+    model = load_trainable(args, tok, device)
     examples = encode_examples(tok, data.load_pairs(args.data, args.format, skip_bad=args.skip_bad), args)
     if rank == 0:
         claim(args.out, OUTPUTS, args)
@@ -374,11 +372,6 @@ def main(args):
         sys.stderr.flush()
         os._exit(0)
 
-def check_lengths(cfg, tok, args):
-    """The model embeds the tokenizer's ids and --max-prompt-len + --max-answer-len positions (model.check_fits)."""
-    check_fits(args.model, cfg, tok, args.max_prompt_len + args.max_answer_len,
-               f"--max-prompt-len {args.max_prompt_len} + --max-answer-len {args.max_answer_len}")
-
 def positive_int(text):
     if not text.lstrip("-").isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
@@ -394,8 +387,6 @@ def check_loss(args):
     flag, a bad value): compute the loss once on a dummy pair. Options of batch_loss itself are checked there."""
     if not isinstance(args.loss_options, dict):
         raise ValueError(f"--loss-options must be a JSON object, got {json.dumps(args.loss_options)}")
-    if not 0 < args.beta < math.inf:  # 0 trains nothing (or divides by 0: IPO), < 0 trains toward the rejected
-        raise ValueError(f"--beta must be a positive number, got {args.beta}")
     batch_only = {"loss_weights", "ld_alpha", "use_weighting", "chunk_size"}
     options = {k: v for k, v in args.loss_options.items() if k not in batch_only}
     one = torch.ones(1)
@@ -445,7 +436,7 @@ def parser():
     p.add_argument("--loss", default="sigmoid", help="a loss of cwpo.LOSS_TYPES (sigmoid = DPO, ipo, robust = rDPO)")
     p.add_argument("--loss-options", type=json.loads, default={},
                    help='keyword options of the loss as JSON, e.g. \'{"label_smoothing": 0.1}\'')
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--beta", type=positive_float, default=0.1)  # 0 trains nothing (IPO: divides by 0)
     p.add_argument("--weighting", default="none", choices=("none", "confidence", "top"),
                    help="per-pair weights: CW-PO is 'confidence'")
     p.add_argument("--top-fraction", type=float, default=0.3, help="--weighting top: the share of pairs kept")

@@ -88,8 +88,7 @@ def write_jsonl(path, records):
 def train_annotator(labeled, args, device, log=print):
     """A reward model from args.model, trained with BT on the labeled pairs; -> (model, tokenizer)."""
     tok = load_tokenizer(args.model)
-    rm = train_policy.load_trainable(args, device, reward=True)
-    train_policy.check_lengths(rm.config, tok, args)
+    rm = train_policy.load_trainable(args, tok, device, reward=True)
     log(train_policy.memory_line(rm.config, args, 1, device, reward=True))
     train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), tok.pad_id, args, bt_objective,
                        device=device, log=log)
@@ -122,8 +121,7 @@ def main(args):
     if heldout or args.unlabeled:
         scores = score_pairs(rm, tok, to_label, args, device)
     labels = weak_labels(to_label, *scores)
-    # every output is written only now, each atomically, the model last (its config.json last of all): a run
-    # stopped before this point leaves none of them
+    # every output is written only now, each atomically, the model last: a run stopped before leaves none of them
     os.makedirs(os.path.join(args.out, "splits"), exist_ok=True)
     for name, records in (("labeled", labeled), ("human_pool", labeled + unlabeled), ("heldout", heldout)):
         write_jsonl(os.path.join(args.out, "splits", f"{name}.jsonl"), records)

@@ -195,6 +195,23 @@ HUMAN_AGREEMENT = 0.70  # with gold, as reported between human annotators on HH-
 QUICK = dict(seeds=2, pairs=800, eval_prompts=100, sft_examples=800)  # eval.py --quick; explicit flags win over it
 T_975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t quantiles, 1-10 df
 
+def add_args(p):
+    """The experiment's flags, on eval.py's parser (`python eval.py` runs the experiment)."""
+    positive_int, positive_float = train_policy.positive_int, train_policy.positive_float
+    p.add_argument("--out", default="runs/experiment", help="built-in experiment: output folder")
+    p.add_argument("--quick", action="store_true", help="built-in experiment, smaller (about 2 minutes)")
+    p.add_argument("--sweep", action="store_true", help="CW-DPO against DPO at 10 / 20 / 30 %% labels")
+    p.add_argument("--study", action="store_true", help="random and systematic (length-biased) human noise")
+    p.add_argument("--seeds", type=positive_int, default=5, help="(--quick: 2)")
+    p.add_argument("--pairs", type=positive_int, default=2000, help="preference pairs (--quick: 800)")
+    p.add_argument("--samples", type=positive_int, default=4, help="sampled answers per held-out prompt")
+    p.add_argument("--sft-examples", type=positive_int, default=4000, help="(--quick: 800)")
+    p.add_argument("--epochs", type=positive_int, default=1, help="preference optimization epochs")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="preference optimization learning rate")
+    p.add_argument("--beta", type=positive_float, default=0.3)
+    p.add_argument("--labeled-fraction", type=float, help="(default 0.3; --sweep runs 0.1, 0.2 and 0.3)")
+    return p
+
 class World(NamedTuple):
     tok: object
     sft_path: str

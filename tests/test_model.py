@@ -25,6 +25,15 @@ CONFIGS = {
 }
 
 
+def scores(rm, ids, mask):
+    """The reward model's score of each row of a right-padded batch, through data.collate's layout (one sequence a
+    row, its last real token the "answer", where the score is read)."""
+    import data
+    rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    batch = data.collate([{"prompt_ids": r[:-1], "answer_ids": r[-1:]} for r in rows], pad_id=0)
+    return rm(batch["input_ids"], layout=batch)
+
+
 def hf_model(name, cls=T.AutoModelForCausalLM, **extra):
     torch.manual_seed(0)
     cfg = CONFIGS[name]()
@@ -109,7 +118,7 @@ def test_reward_head_matches_sequence_classification(name, tmp_path):
     ids = ids.masked_fill(mask == 0, 0)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-        assert torch.allclose(rm(ids, mask), ref, atol=1e-5), name
+        assert torch.allclose(scores(rm, ids, mask), ref, atol=1e-5), name
     save_model(rm, str(tmp_path / "rm"))
     back = T.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"), attn_implementation="eager").eval()
     with torch.no_grad():
@@ -119,7 +128,8 @@ def test_reward_head_matches_sequence_classification(name, tmp_path):
 def test_lm_checkpoint_becomes_reward_model(tmp_path):
     hf_model("llama-gqa").save_pretrained(str(tmp_path))
     rm = load_model(str(tmp_path), reward=True)
-    assert rm(torch.randint(3, V, (2, 5))).shape == (2,)
+    ids = torch.randint(3, V, (2, 5))
+    assert scores(rm, ids, torch.ones_like(ids)).shape == (2,)
 
 
 def test_a_trained_head_is_required_where_asked(tmp_path):
@@ -304,7 +314,7 @@ def test_lm_checkpoint_becomes_reward_model_with_transformers_scores(name, tmp_p
     ids = ids.masked_fill(mask == 0, 0)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-        got = rm(ids, mask)
+        got = scores(rm, ids, mask)
     assert ref.abs().min() > 1e-3  # a score, not a zero that any body would give
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 

@@ -186,9 +186,9 @@ def test_bad_sizes_files_and_options_are_one_clear_line(tiny_world, tmp_path, ca
         (["--loss-options", "[1]"], "must be a JSON object"),
         (["--model", str(tmp_path / "gpt2")], "max_position_embeddings 64"),  # IndexError in the position table
         # settings that train nothing, or backwards, exit 0 without these checks
-        (["--beta", "0"], "--beta must be a positive number, got 0.0"),
-        (["--beta", "-1"], "--beta must be a positive number, got -1.0"),     # trains toward the rejected answers
-        (["--loss", "ipo", "--beta", "0"], "--beta must be a positive number"),  # ZeroDivisionError
+        (["--beta", "0"], "argument --beta: must be a positive number, got '0'"),
+        (["--beta", "-1"], "argument --beta: must be a positive number, got '-1'"),  # trains toward the rejected
+        (["--loss", "ipo", "--beta", "0"], "argument --beta: must be a positive number"),  # ZeroDivisionError
         (["--lr", "0"], "argument --lr: must be a positive number, got '0'"),
         (["--max-grad-norm", "-1"], "argument --max-grad-norm: must be a positive number"),
         (["--weighting", "top", "--top-fraction", "0"], "--top-fraction 0.0 leaves no pair"),  # "no training examples"
@@ -467,7 +467,7 @@ def test_one_lora_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_wor
         "confidence", "--batch-size", str(len(pairs)), "--max-steps", "1", "--lr", str(lr), "--warmup-steps", "1",
         "--max-grad-norm", str(max_norm), "--beta", str(beta), "--log-every", "1", "--lora-rank", str(rank),
         "--lora-alpha", str(alpha), "--lora-modules", ",".join(modules)])
-    policy = train_policy.load_trainable(args, torch.device("cpu"))
+    policy = train_policy.load_trainable(args, load_tokenizer(tiny_world["model"]), torch.device("cpu"))
     start = {n: p.detach().clone() for n, p in policy.named_parameters()}
     assert sorted(train_policy.trainable_state(policy)) == sorted(  # the checkpoint's seam: adapters only
         f"h.{i}.{LORA_MODULES[m]}.lora_{ab}" for i in range(2) for m in modules for ab in "ab")

@@ -170,15 +170,15 @@ def test_systematic_humans_agree_at_the_target_and_every_error_favours_the_longe
 
 
 class BangCounter(torch.nn.Module):
-    """A stand-in judge whose score is the number of "!" in the text it reads (prompt + answer)."""
+    """A stand-in judge whose score is the number of "!" in each answer it reads (data.collate's scored tokens)."""
 
     def __init__(self, tok):
         super().__init__()
         self.tok = tok
 
-    def forward(self, input_ids, attention_mask):
-        return torch.tensor([float(self.tok.decode([i for i, m in zip(row, mask) if m]).count("!"))
-                             for row, mask in zip(input_ids.tolist(), attention_mask.tolist())])
+    def forward(self, input_ids, layout):
+        answers = [layout["score_target"][layout["score_answer"] == a] for a in range(len(layout["last_index"]))]
+        return torch.tensor([float(self.tok.decode(ids.tolist()).count("!")) for ids in answers])
 
 
 def test_judged_gra_averages_each_prompts_samples_before_comparing(tok):
