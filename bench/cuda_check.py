@@ -223,10 +223,11 @@ def check_lora_7b(device, small):
     sync(device)
     seconds, peak = time.time() - t0, memory(device)
     n_params = sum(p.numel() for p in policy.parameters())
-    estimate = getattr(train_policy, "memory_estimate", None)
-    shown = f"peak {peak / 2**30:.1f} GiB, {seconds:.1f} s, {tokens} tokens, {n_params / 1e9:.2f}B params"
-    if estimate is not None:
-        shown += f"; estimate (weights + grads + optimizer) {estimate}"
+    est = train_policy.memory_estimate(policy.config, lora_rank=16, lora_modules=tuple(M.LORA_MODULES),
+                                       base_bytes=2 if device.type == "cuda" else 4)
+    estimate = sum(est[k] for k in ("weights", "gradients", "optimizer"))
+    shown = (f"peak {peak / 2**30:.1f} GiB, {seconds:.1f} s, {tokens} tokens, {n_params / 1e9:.2f}B params; estimate "
+             f"(weights + gradients + optimizer, activations aside) {estimate / 2**30:.1f} GiB")
     report("lora-7b one DPO step", bool(torch.isfinite(loss)) and (device.type != "cuda" or peak < 80 * 2**30),
            shown, "finite loss, fits in 80 GB")
 

@@ -138,7 +138,8 @@ def test_a_trained_head_is_required_where_asked(tmp_path):
     with pytest.raises(KeyError, match="lacks tensor 'score.weight'"):
         load_model(str(tmp_path / "lm"), reward=True, trained_head=True)
     save_model(load_model(str(tmp_path / "lm"), reward=True), str(tmp_path / "rm"))
-    assert load_model(str(tmp_path / "rm"), reward=True, trained_head=True)(torch.randint(3, V, (1, 4))).shape == (1,)
+    ids, judge = torch.randint(3, V, (1, 4)), load_model(str(tmp_path / "rm"), reward=True, trained_head=True)
+    assert scores(judge, ids, torch.ones_like(ids)).shape == (1,)
 
 
 def test_check_fits_names_the_tokenizer_the_config_and_the_position_table(tmp_path):

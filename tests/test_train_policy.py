@@ -467,7 +467,7 @@ def test_one_lora_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_wor
         "confidence", "--batch-size", str(len(pairs)), "--max-steps", "1", "--lr", str(lr), "--warmup-steps", "1",
         "--max-grad-norm", str(max_norm), "--beta", str(beta), "--log-every", "1", "--lora-rank", str(rank),
         "--lora-alpha", str(alpha), "--lora-modules", ",".join(modules)])
-    policy = train_policy.load_trainable(args, load_tokenizer(tiny_world["model"]), torch.device("cpu"))
+    policy = train_policy.load_trainable(args, tok, torch.device("cpu"))
     start = {n: p.detach().clone() for n, p in policy.named_parameters()}
     assert sorted(train_policy.trainable_state(policy)) == sorted(  # the checkpoint's seam: adapters only
         f"h.{i}.{LORA_MODULES[m]}.lora_{ab}" for i in range(2) for m in modules for ab in "ab")
