@@ -39,3 +39,13 @@ def tiny_world(tmp_path_factory):
     torch.manual_seed(0)
     save_model(GPT(config_from_hf(hf)).init_weights(), str(ckpt))
     return {"model": str(ckpt), "pairs": str(root / "pairs.jsonl"), "root": root}
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """A byte-level BPE tokenizer (300 ids) trained on world.py's text: the suite's tokenizer for encoding tests."""
+    import world
+    prompts = world.world_prompts(400, seed=0)
+    rng = random.Random(0)
+    texts = prompts + [world.world_answer(p, rng) for p in prompts]
+    return world.train_tokenizer(texts, vocab_size=300, out_dir=str(tmp_path_factory.mktemp("tok")))

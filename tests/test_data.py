@@ -3,14 +3,12 @@ trained on world.py's text). Expected values are written out by hand or computed
 formulas here, never taken from data.py's own output."""
 import gzip
 import json
-import random
 import sys
 
 import pytest
 import torch
 
 import data
-import world
 
 HH_CHOSEN = ("\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I bake bread?"
              "\n\nAssistant: Mix flour, water and yeast, then bake it.")
@@ -226,14 +224,6 @@ def test_split_is_seeded_disjoint_covering_and_nested():
 
 
 # ----------------------------------------------------------------------------- tokenizer, encoding, batches
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    prompts = world.world_prompts(400, seed=0)
-    rng = random.Random(0)
-    texts = prompts + [world.world_answer(p, rng) for p in prompts]
-    return world.train_tokenizer(texts, vocab_size=300, out_dir=str(tmp_path_factory.mktemp("tok")))
-
 
 def test_encode_truncates_prompt_from_the_left_and_answer_from_the_right(tok):
     prompt = "\n\nHuman: I want a snack for tonight. I like sweet food. I have 5 dollars.\n\nAssistant:"

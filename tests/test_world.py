@@ -17,14 +17,6 @@ import world
 from tools import figures
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    prompts = world.world_prompts(400, seed=0)
-    rng = random.Random(0)
-    texts = prompts + [world.world_answer(p, rng) for p in prompts]
-    return world.train_tokenizer(texts, vocab_size=300, out_dir=str(tmp_path_factory.mktemp("tok")))
-
-
 def write_records(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
