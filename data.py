@@ -187,65 +187,46 @@ def encode_pair(tok, prompt, chosen, rejected, max_prompt_len, max_answer_len):
             "chosen_ids": encode_answer(tok, chosen, max_answer_len),
             "rejected_ids": encode_answer(tok, rejected, max_answer_len)}
 
-def collate(examples, pad_id, weights=None):
-    """Batch encoded examples in the one layout every script uses: each prompt is computed once, its answer(s)
-    follow it, and examples are packed into rows as long as the longest example (first fit, longest first), so
-    little padding is computed. A row holding pair 0 (prompt p0, chosen c0, rejected r0) and pair 1:
+def collate(examples, weights=None):
+    """Batch encoded examples in the one layout every script uses: one row, no padding, each prompt computed once
+    and followed by its answer(s). The row of pair 0 (prompt p0, chosen c0, rejected r0) and pair 1:
 
-        input_ids     p0 p0 p0 c0 c0 r0 r0 r0 | p1 p1 c1 c1 c1 r1 | pad
-        position_ids   0  1  2  3  4  3  4  5 |  0  1  2  3  4  2 |  0    each answer continues its prompt
-        segment_ids    0  0  0  0  0  0  0  0 |  1  1  1  1  1  1 | -1    the example; -1 a pad
-        branch_ids     0  0  0  1  1  2  2  2 |  0  0  1  1  1  2 |  0    0 prompt, 1 chosen, 2 rejected
+        input_ids     p0 p0 p0 c0 c0 r0 r0 r0 | p1 p1 c1 c1 c1 r1
+        position_ids   0  1  2  3  4  3  4  5 |  0  1  2  3  4  2    each answer continues its prompt
+        segment_ids    0  0  0  0  0  0  0  0 |  1  1  1  1  1  1    the example
+        branch_ids     0  0  0  1  1  2  2  2 |  0  0  1  1  1  2    0 prompt, 1 chosen, 2 rejected
 
     A token attends to the earlier tokens of its own example that lie in the prompt or in its own branch
     (model.visible): the rejected answer never sees the chosen one, and each answer's log-probs are those of
     prompt + answer alone. The first token of each answer is predicted from the prompt's last position, so the
     tokens to score are listed explicitly, grouped by answer in order (answer a = pair i's chosen i, its
     rejected B + i; for single sequences, encode_prompt_answer, answer i):
-      score_index  [N] long  flat index (row * T + column) of the hidden state that predicts the token
+      score_index  [N] long  index in the row of the hidden state that predicts the token
       score_target [N] long  the token id;   score_answer [N] long  its answer
-      last_index   [A] long  flat index of each answer's last token (the reward model's score is read there)
-    With input_ids, position_ids, segment_ids, branch_ids [R, T] long and weight [B] float: `weights`, else each
+      last_index   [A] long  index of each answer's last token (the reward model's score is read there)
+    With input_ids, position_ids, segment_ids, branch_ids [1, T] long and weight [B] float: `weights`, else each
     example's "weight", else 1. An answer's first token has no predictor, and is not scored, after an empty prompt.
     """
-    if pad_id is None:
-        raise ValueError("collate needs a pad id (tok.pad_id is None)")
     keys = ("chosen_ids", "rejected_ids") if "chosen_ids" in examples[0] else ("answer_ids",)
-    lengths = [len(ex["prompt_ids"]) + sum(len(ex[k]) for k in keys) for ex in examples]
-    T, rows, room = max(lengths), [], []
-    for i in sorted(range(len(examples)), key=lambda i: -lengths[i]):
-        r = next((r for r, free in enumerate(room) if free >= lengths[i]), len(rows))
-        if r == len(rows):
-            rows.append([])
-            room.append(T)
-        rows[r].append(i)
-        room[r] -= lengths[i]
-    layout = {name: [[fill] * T for _ in rows] for name, fill in
-              (("input_ids", pad_id), ("position_ids", 0), ("segment_ids", -1), ("branch_ids", 0))}
+    layout = {name: [] for name in ("input_ids", "position_ids", "segment_ids", "branch_ids")}
 
-    def put(r, column, ids, first_position, segment, branch):
-        for j, token in enumerate(ids):
-            for name, value in (("input_ids", token), ("position_ids", first_position + j), ("segment_ids", segment),
-                                ("branch_ids", branch)):
-                layout[name][r][column + j] = value
+    def put(ids, first_position, segment, branch):
+        for name, values in (("input_ids", ids), ("position_ids", range(first_position, first_position + len(ids))),
+                             ("segment_ids", [segment] * len(ids)), ("branch_ids", [branch] * len(ids))):
+            layout[name] += values
 
     scored = [[] for _ in range(len(keys) * len(examples))]  # per answer: (score_index, score_target)
     last_index = [0] * len(scored)
-    for r, row in enumerate(rows):
-        column = 0
-        for i in row:
-            prompt = examples[i]["prompt_ids"]
-            put(r, column, prompt, 0, i, 0)
-            at = column + len(prompt)  # where the next answer starts
-            for b, key in enumerate(keys):
-                answer, a = examples[i][key], b * len(examples) + i
-                put(r, at, answer, len(prompt), i, b + 1)
-                flat = lambda t: r * T + (column + t if t < len(prompt) else at + t - len(prompt))  # noqa: E731
-                # position t of prompt + answer predicts token t + 1
-                scored[a] = [(flat(len(prompt) + j - 1), token) for j, token in enumerate(answer) if len(prompt) + j]
-                last_index[a] = flat(len(prompt) + len(answer) - 1)
-                at += len(answer)
-            column = at
+    for i, example in enumerate(examples):
+        prompt, column = example["prompt_ids"], len(layout["input_ids"])
+        put(prompt, 0, i, 0)
+        for b, key in enumerate(keys):
+            answer, a, at = example[key], b * len(examples) + i, len(layout["input_ids"])  # `at`: where it starts
+            put(answer, len(prompt), i, b + 1)
+            flat = lambda t: column + t if t < len(prompt) else at + t - len(prompt)  # noqa: E731
+            # position t of prompt + answer predicts token t + 1
+            scored[a] = [(flat(len(prompt) + j - 1), token) for j, token in enumerate(answer) if len(prompt) + j]
+            last_index[a] = flat(len(prompt) + len(answer) - 1)
     if weights is None:
         weights = [ex.get("weight", 1.0) for ex in examples]
     weight = torch.as_tensor(weights, dtype=torch.float32).reshape(-1)
@@ -253,7 +234,7 @@ def collate(examples, pad_id, weights=None):
         raise ValueError(f"{len(weight)} weights for {len(examples)} examples")
     flat_scored = [(index, target, a) for a, tokens in enumerate(scored) for index, target in tokens]
     score_index, score_target, score_answer = zip(*flat_scored) if flat_scored else ((), (), ())
-    return {**{name: torch.tensor(value) for name, value in layout.items()},
+    return {**{name: torch.tensor([value]) for name, value in layout.items()},
             "score_index": torch.tensor(score_index, dtype=torch.long),
             "score_target": torch.tensor(score_target, dtype=torch.long),
             "score_answer": torch.tensor(score_answer, dtype=torch.long),

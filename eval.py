@@ -32,7 +32,7 @@ def judge_scores(judge_path, judge, judge_tok, prompts, answers, device, batch_s
                "the prompts + answers it reads")
     scores = []
     for chunk in data.iterate_batches(seqs, batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(chunk, judge_tok.pad_id).items()}
+        batch = {k: v.to(device) for k, v in data.collate(chunk).items()}
         scores += judge(batch["input_ids"], layout=batch).tolist()
     return scores
 

@@ -94,15 +94,31 @@ def config_from_hf(hf):
                       qkv_bias=family == "qwen2" or bias, o_bias=bias, mlp_bias=hf.get("mlp_bias", False), **common)
     raise ValueError(f"config.json: unsupported model_type {family!r} (supported: gpt2, opt, qwen2, llama)")
 
+class RMSNormFunction(torch.autograd.Function):
+    """y = w * n, n = x r, r = 1 / sqrt(mean(x^2) + eps), statistics in fp32 at least (as the reference code);
+    dx = r (g - n mean(g n)) with g = w dy, dw = sum(dy n). Saves x and r only: n is recomputed in backward."""
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        n, g = x.to(rstd.dtype) * rstd, (dy * weight).to(rstd.dtype)
+        dx = rstd * (g - n * (g * n).mean(-1, keepdim=True))
+        return dx.to(x.dtype), (dy * n.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype), None
+
 class RMSNorm(nn.Module):
     """weight * x / sqrt(mean(x^2) + eps) (Llama, Qwen2)."""
     def __init__(self, d, eps):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
 
-    def forward(self, x):  # statistics in fp32, as the reference implementations do
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+    def forward(self, x):
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 def make_norm(cfg):
     """LayerNorm with bias (GPT-2, OPT) or RMSNorm (Llama, Qwen2)."""
@@ -127,7 +143,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], dim=-1)
         q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
         k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2).contiguous()  # attention keeps v, not all of qkv
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:  # write this step's keys/values, attend over everything so far
@@ -135,6 +151,10 @@ class Attention(nn.Module):
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
         if isinstance(mask, BlockMask):  # CUDA, the packed layout: FlexAttention skips the masked-out blocks
             y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=c.n_kv_head != c.n_head)
+        elif isinstance(mask, list):  # CPU, the packed layout: each example's span apart, no work on other examples
+            sizes = [m.shape[0] for m in mask]  # split, not slices: its backward is one concatenation
+            y = torch.cat([F.scaled_dot_product_attention(*qkv, attn_mask=m, enable_gqa=c.n_kv_head != c.n_head)
+                           for *qkv, m in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2), mask)], 2)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
                                                enable_gqa=c.n_kv_head != c.n_head)
@@ -142,16 +162,29 @@ class Attention(nn.Module):
 
 def visible(segment_ids, branch_ids, b, q, k):
     """The packed layout's attention rule (data.collate): key k is visible to query q in row b when both lie in one
-    example, k is not later, and k is in the prompt (branch 0) or in q's own answer; a pad (segment -1) sees only
-    itself. Indices broadcast: dense [R, T, T] masks (CPU) and FlexAttention's mask_mod (CUDA) share this rule."""
-    segment = segment_ids[b, q]
-    same = (segment == segment_ids[b, k]) & (segment >= 0) & (k <= q)
-    return (same & ((branch_ids[b, k] == 0) | (branch_ids[b, k] == branch_ids[b, q]))) | (q == k)
+    example, k is not later, and k is in the prompt (branch 0) or in q's own answer. Indices broadcast: the
+    per-example masks (CPU) and FlexAttention's mask_mod (CUDA) share this rule."""
+    same = (segment_ids[b, q] == segment_ids[b, k]) & (k <= q)
+    return same & ((branch_ids[b, k] == 0) | (branch_ids[b, k] == branch_ids[b, q]))
 
 @functools.cache
 def compiled_flex_attention():
     """FlexAttention compiled once (its eager form materializes the full score matrix)."""
     return torch.compile(flex_attention, dynamic=False)
+
+class SwiGLU(torch.autograd.Function):
+    """y = silu(g) u; dg = dy u s (1 + g (1 - s)) with s = sigmoid(g), du = dy silu(g). Saves g and u only (autograd
+    would keep silu(g) as well), recomputing s in backward."""
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        s = torch.sigmoid(g)
+        return dy * u * s * (1 + g * (1 - s)), dy * g * s
 
 class MLP(nn.Module):
     """SwiGLU down(act(gate(x)) * up(x)) for Llama / Qwen2, down(act(up(x))) for GPT-2 / OPT."""
@@ -163,7 +196,10 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down(self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x)))
+        up = self.up(x)
+        if self.gate is None:
+            return self.down(self.act(up))
+        return self.down(SwiGLU.apply(self.gate(x), up) if self.act is F.silu else self.act(self.gate(x)) * up)
 
 class Block(nn.Module):
     """One layer: pre-norm x + f(norm(x)), or the post-norm norm(x + f(x)) of OPT-350m."""
@@ -235,20 +271,22 @@ class GPT(nn.Module):
 
         Positions count real tokens only, so a left-padded prompt sees the same positions as an unpadded one. A
         padding query attends to itself, so that no row of the mask is empty (its output is unused).
-        Packed rows (layout) take their positions from the layout and the rule `visible`: a boolean mask for SDPA
-        on CPU, a FlexAttention block mask on CUDA (where a dense mask would turn SDPA's flash kernels off).
+        The packed row (layout) takes its positions from the layout and the rule `visible`: on CPU a list of
+        boolean masks, one per example, for SDPA over that example's span alone; on CUDA a FlexAttention block
+        mask over the whole row (a dense mask would turn SDPA's flash kernels off).
         """
         B, T = input_ids.shape
         device = input_ids.device
-        causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
+        causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start) if layout is None else None
         if layout is not None:
             pos, segment_ids, branch_ids = layout["position_ids"], layout["segment_ids"], layout["branch_ids"]
             rule = lambda b, h, q, k: visible(segment_ids, branch_ids, b, q, k)  # noqa: E731
             if device.type == "cuda":
                 mask = create_block_mask(rule, B, None, T, T, device=device)
-            else:
-                index = torch.arange(T, device=device)
-                mask = rule(torch.arange(B, device=device)[:, None, None], None, index[:, None], index)[:, None]
+            else:  # one mask [L, L] per example, in order: the one row holds them side by side
+                ends = torch.unique_consecutive(segment_ids[0], return_counts=True)[1].cumsum(0).tolist()
+                spans = [torch.arange(s, e, device=device) for s, e in zip([0] + ends[:-1], ends)]
+                mask = [rule(0, None, span[:, None], span) for span in spans]
         elif attention_mask is None:
             pos = torch.arange(start, start + T, device=device).expand(B, T)
             mask = None if cache is None else causal.expand(B, 1, T, start + T)

@@ -106,12 +106,12 @@ def pair_weights(pairs, weighting, top_fraction):
     return [p for p, k in zip(pairs, keep) if k], [1.0] * sum(keep)
 
 @torch.no_grad()
-def add_reference_logps(model, examples, pad_id, batch_size, device, ld_alpha=None, bf16=False):
+def add_reference_logps(model, examples, batch_size, device, ld_alpha=None, bf16=False):
     """Store the starting model's summed log-probs in each example ("ref_chosen_logps", "ref_rejected_logps"),
     computed as the policy's are in training (ld_alpha, bf16 autocast on CUDA): the first step's log-ratios are 0."""
     model.eval()
     for chunk in data.iterate_batches(examples, batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(chunk, pad_id).items()}
+        batch = {k: v.to(device) for k, v in data.collate(chunk).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
             logps = cwpo.sequence_logps(model, batch, ld_alpha=ld_alpha)["logps"]
         chosen, rejected = logps.float().cpu().chunk(2)
@@ -230,7 +230,7 @@ def claim(out, outputs, args):
 def remove(path):
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
-def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device=torch.device("cpu"), log=print):
+def train(model, examples, args, objective, rank=0, world_size=1, device=torch.device("cpu"), log=print):
     """Train `model` in place on encoded examples with `objective` (sft_objective, preference_objective, or
     train_weak.bt_objective), one optimizer step per global batch of args.batch_size examples."""
     if not examples:
@@ -271,7 +271,7 @@ def train(model, examples, pad_id, args, objective, rank=0, world_size=1, device
                 micro, share = batch[:1], 0.0
             if world_size > 1:  # reduce the gradients once, after the last micro-batch
                 model.set_requires_gradient_sync(i == n_micro - 1)
-            tensors = {k: v.to(device) for k, v in data.collate(micro, pad_id).items()}
+            tensors = {k: v.to(device) for k, v in data.collate(micro).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
                 loss, metrics = objective(model, tensors, micro, args)
             (loss * share / denominator).backward()
@@ -356,8 +356,8 @@ def main(args):
     if args.objective == "preference":
         micro_size = max(1, args.batch_size // (world_size * args.grad_accum))  # what fits for training fits here
         ld_alpha = args.loss_options.get("ld_alpha")
-        add_reference_logps(model, examples, tok.pad_id, micro_size, device, ld_alpha, args.bf16)
-    model = train(model, examples, tok.pad_id, args, OBJECTIVES[args.objective], rank, world_size, device)
+        add_reference_logps(model, examples, micro_size, device, ld_alpha, args.bf16)
+    model = train(model, examples, args, OBJECTIVES[args.objective], rank, world_size, device)
     model = merge_lora(model)  # on every rank: a sharded model's adapters merge shard by shard
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0
     if rank == 0:

@@ -39,7 +39,7 @@ def score_pairs(rm, tok, pairs, args, device, log=print):
     rm.eval()
     first, second, t0 = [], [], time.time()
     for chunk in data.iterate_batches(train_policy.encode_pairs(tok, pairs, args), args.batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(chunk, tok.pad_id).items()}
+        batch = {k: v.to(device) for k, v in data.collate(chunk).items()}
         a, b = rm(batch["input_ids"], layout=batch).float().cpu().chunk(2)
         first.append(a)
         second.append(b)
@@ -90,7 +90,7 @@ def train_annotator(labeled, args, device, log=print):
     tok = load_tokenizer(args.model)
     rm = train_policy.load_trainable(args, tok, device, reward=True)
     log(train_policy.memory_line(rm.config, args, 1, device, reward=True))
-    train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), tok.pad_id, args, bt_objective,
+    train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), args, bt_objective,
                        device=device, log=log)
     return rm, tok
 

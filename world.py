@@ -233,9 +233,9 @@ def train(model, tok, pairs, start, out, device, log, **options):
         return train_weak.train_annotator(pairs, args, device, log), args
     examples = train_policy.encode_examples(tok, pairs, args)
     if args.objective == "preference":
-        train_policy.add_reference_logps(model, examples, tok.pad_id, 256, device)
+        train_policy.add_reference_logps(model, examples, 256, device)
     objective = train_policy.OBJECTIVES[args.objective]
-    return train_policy.train(model, examples, tok.pad_id, args, objective, device=device, log=log), args
+    return train_policy.train(model, examples, args, objective, device=device, log=log), args
 
 def pretrain(path, tok, pairs, size, device, log):
     """A Llama-style model of `size` = (layers, width) trained from scratch on the world's text, saved in HF layout."""

@@ -224,9 +224,9 @@ def run_ours(args, work):
             "--max-grad-norm", str(args.max_grad_norm), "--loss", "sigmoid", "--beta", "0.1", "--log-every", "1",
             "--seed", "0", "--bf16" if args.dtype == "bfloat16" else "--no-bf16", "--no-grad-checkpointing"]
     train_args = train_policy.parser().parse_args(argv)
-    train_policy.add_reference_logps(policy, examples, EOS_ID, args.pairs, device, bf16=train_args.bf16)
+    train_policy.add_reference_logps(policy, examples, args.pairs, device, bf16=train_args.bf16)
     rss_before = read_status_bytes("VmRSS")
-    train_policy.train(policy, examples, EOS_ID, train_args, train_policy.preference_objective, device=device,
+    train_policy.train(policy, examples, train_args, train_policy.preference_objective, device=device,
                        log=lambda *a: None)
     with open(os.path.join(out, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -347,7 +347,7 @@ def hh_step_counts(args, pairs, shape, vocab_size):
         real = sum(p + c + r for p, c, r in lengths)
         visible = sum(p * (p + 1) // 2 + (c + r) * p + c * (c + 1) // 2 + r * (r + 1) // 2 for p, c, r in lengths)
         scored = sum(c + r for _, c, r in lengths)
-        rows = data.collate(batch, EOS_ID)["input_ids"]
+        rows = data.collate(batch)["input_ids"]
         useful = (3 * (2 * linear_params * real + 4 * args.layers * shape["d_attn"] * visible)
                   + 3 * 2 * args.width * vocab_size * scored)
         steps.append({"real_once": real, "ours": rows.numel(), "ours_rows": rows.shape[0],

@@ -209,7 +209,7 @@ def check_lora_7b(device, small):
     draw = lambda n: torch.randint(3, hf["vocab_size"], (n,)).tolist()  # noqa: E731
     examples = [{"prompt_ids": draw(prompt_len), "chosen_ids": draw(answer_len), "rejected_ids": draw(answer_len)}
                 for _ in range(pairs)]
-    batch = {k: v.to(device) for k, v in data.collate(examples, pad_id=0).items()}
+    batch = {k: v.to(device) for k, v in data.collate(examples).items()}
     sync(device)
     memory(device, reset=True)
     t0 = time.time()

@@ -180,8 +180,8 @@ def two_row_logps(model, pairs, pad_id=0):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_packed_layout_matches_two_row_layout(family):
     model, pairs = tiny_gpt(family), make_pairs()
-    batch = data.collate(pairs, pad_id=0)
-    assert batch["input_ids"].shape[0] < len(pairs)  # pairs of different lengths share rows
+    batch = data.collate(pairs)
+    assert batch["input_ids"].shape[0] == 1  # pairs of different lengths share the one row
     out = cwpo.sequence_logps(model, batch, chunk_size=5, ld_alpha=0.3, wpo=True)
     plain = cwpo.sequence_logps(model, batch)
     ref = two_row_logps(model, pairs)
@@ -201,7 +201,7 @@ def test_packed_layout_matches_two_row_layout(family):
 
 def test_wpo_weights_match_naive():
     model, pairs = tiny_gpt("llama"), make_pairs()
-    out = cwpo.sequence_logps(model, data.collate(pairs, 0), wpo=True)
+    out = cwpo.sequence_logps(model, data.collate(pairs), wpo=True)
     for a, (p, key) in enumerate((p, key) for key in ("chosen_ids", "rejected_ids") for p in pairs):
         ids = torch.tensor(p["prompt_ids"] + p[key])[None]
         log_probs = model(ids)[0, len(p["prompt_ids"]) - 1:-1].log_softmax(-1)
@@ -219,7 +219,7 @@ def test_every_loss_and_gradient_matches_two_row_layout_fp32(family):
     the two-row layout's log-probs fed to preference_loss."""
     model, pairs = tiny_gpt(family, seed=1, dtype=torch.float32), make_pairs(seed=1)
     B = len(pairs)
-    batch = data.collate(pairs, 0, weights=torch.linspace(0.2, 1.0, B))
+    batch = data.collate(pairs, weights=torch.linspace(0.2, 1.0, B))
     ref_chosen, ref_rejected = -20 * torch.rand(B), -20 * torch.rand(B)
     for name in cwpo.LOSS_TYPES:
         weights = torch.ones(B) if name.startswith("aot") else batch["weight"]
@@ -238,14 +238,14 @@ def test_every_loss_and_gradient_matches_two_row_layout_fp32(family):
 
 
 def test_packed_layout_fields():
-    """The layout the docstring draws: positions restart after the prompt for each answer, the first rejected
-    token is predicted from the prompt's last position, pads are never scored, last_index ends each answer."""
+    """The layout the docstring draws: one row without padding, positions restart after the prompt for each answer,
+    the first rejected token is predicted from the prompt's last position, last_index ends each answer."""
     pairs = make_pairs()
-    batch = data.collate(pairs, pad_id=0)
+    batch = data.collate(pairs)
     T = batch["input_ids"].shape[1]
     flat = {k: batch[k].flatten() for k in ("input_ids", "position_ids", "segment_ids", "branch_ids")}
-    assert T == max(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
-    assert (flat["segment_ids"] >= 0).sum() == sum(len(p["prompt_ids"] + p["chosen_ids"] + p["rejected_ids"]) for p in pairs)
+    assert batch["input_ids"].shape[0] == 1
+    assert T == sum(len(p["prompt_ids"] + p["chosen_ids"] + p["rejected_ids"]) for p in pairs)
     B = len(pairs)
     for i, p in enumerate(pairs):
         where = lambda branch: ((flat["segment_ids"] == i) & (flat["branch_ids"] == branch)).nonzero()[:, 0]  # noqa: E731
@@ -259,7 +259,6 @@ def test_packed_layout_fields():
             assert batch["score_index"][scored].tolist() == [prompt[-1].item()] + answer[:-1].tolist()
             assert batch["score_target"][scored].tolist() == flat["input_ids"][answer].tolist()
             assert batch["last_index"][a] == answer[-1]
-    assert (flat["segment_ids"][batch["score_index"]] >= 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,7 +362,7 @@ def test_every_loss_type_runs_and_unknown_names_are_clear_errors():
 
 def test_batch_loss_weights_and_errors():
     lm, pairs = tiny_gpt("llama", seed=2, dtype=torch.float32), make_pairs(seed=2, cases=[(3, 4, 1), (2, 5, 2)])
-    batch = data.collate(pairs, 0, weights=[0.3, 0.9])
+    batch = data.collate(pairs, weights=[0.3, 0.9])
     ref_chosen, ref_rejected = torch.tensor([-9.0, -12.0]), torch.tensor([-6.0, -3.0])
     loss, metrics = cwpo.batch_loss(lm, batch, ref_chosen, ref_rejected, beta=0.5)
     with torch.no_grad():

@@ -153,7 +153,7 @@ def our_batch(batch, weight=None):
     assert all(parts[i][0] == parts[n_pairs + i][0] for i in range(n_pairs))  # a pair's two rows share the prompt
     pairs = [{"prompt_ids": parts[i][0], "chosen_ids": parts[i][1], "rejected_ids": parts[n_pairs + i][1]}
              for i in range(n_pairs)]
-    return data.collate(pairs, pad_id=0, weights=torch.ones(n_pairs) if weight is None else weight)
+    return data.collate(pairs, weights=torch.ones(n_pairs) if weight is None else weight)
 
 
 def reward_batch(batch):
@@ -161,7 +161,7 @@ def reward_batch(batch):
     last real token of each."""
     rows = [{"prompt_ids": ids[real == 1].tolist(), "answer_ids": []}
             for ids, real in zip(batch["input_ids"], batch["attention_mask"])]
-    return data.collate(rows, pad_id=0)
+    return data.collate(rows)
 
 
 def loss_rtol(options):

@@ -249,27 +249,27 @@ def test_collate_layout_prompt_once_answers_after_it(tok):
               "It is spicy and creamy. Enjoy!", " I do not know what to get."),
              ("\n\nHuman: Hi\n\nAssistant:", " Hello!", " Ugh, fine. Figure it out yourself.")]
     examples = [data.encode_pair(tok, p, c, r, 64, 64) for p, c, r in pairs]
-    batch = data.collate(examples, tok.pad_id)
+    batch = data.collate(examples)
     B, (R, T) = len(pairs), batch["input_ids"].shape
     lengths = [len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples]
-    assert T == max(lengths) and R < B  # rows as long as the longest pair; the two shorter ones share a row
+    assert R == 1 and T == sum(lengths)  # one row, no padding
     assert all(batch[k].dtype == torch.long for k in batch if k != "weight")
     assert batch["weight"].dtype == torch.float32 and torch.equal(batch["weight"], torch.ones(B))
     ids, segment, branch = (batch[k].flatten() for k in ("input_ids", "segment_ids", "branch_ids"))
-    assert (ids[segment < 0] == tok.pad_id).all() and int((segment < 0).sum()) == R * T - sum(lengths)
+    assert segment.tolist() == [i for i, n in enumerate(lengths) for _ in range(n)]
     for i, (prompt, chosen, rejected) in enumerate(pairs):
         part = lambda b: ids[(segment == i) & (branch == b)].tolist()  # noqa: E731
         assert tok.decode(part(0)) == prompt
         for b, answer in ((1, chosen), (2, rejected)):
             assert part(b)[-1] == tok.eos_id and tok.decode(part(b)[:-1], skip_special_tokens=False) == answer
             assert batch["score_target"][batch["score_answer"] == (b - 1) * B + i].tolist() == part(b)
-    weighted = data.collate(examples, tok.pad_id, weights=[0.5, 0.0, 1.0])
+    weighted = data.collate(examples, weights=[0.5, 0.0, 1.0])
     assert torch.equal(weighted["weight"], torch.tensor([0.5, 0.0, 1.0]))
-    assert torch.equal(data.collate([dict(ex, weight=0.25) for ex in examples], tok.pad_id)["weight"],
+    assert torch.equal(data.collate([dict(ex, weight=0.25) for ex in examples])["weight"],
                        torch.full((B,), 0.25))
     with pytest.raises(ValueError, match="weights"):
-        data.collate(examples, tok.pad_id, weights=[1.0])
-    singles = data.collate([data.encode_prompt_answer(tok, p, c, 64, 64) for p, c, _ in pairs], tok.pad_id)
+        data.collate(examples, weights=[1.0])
+    singles = data.collate([data.encode_prompt_answer(tok, p, c, 64, 64) for p, c, _ in pairs])
     for i, (prompt, chosen, _) in enumerate(pairs):  # single sequences: one answer each, answer i
         assert tok.decode(singles["score_target"][singles["score_answer"] == i].tolist()[:-1]) == chosen
     assert len(singles["last_index"]) == B and (singles["input_ids"].flatten()[singles["last_index"]] == tok.eos_id).all()

@@ -30,7 +30,7 @@ def scores(rm, ids, mask):
     row, its last real token the "answer", where the score is read)."""
     import data
     rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-    batch = data.collate([{"prompt_ids": r[:-1], "answer_ids": r[-1:]} for r in rows], pad_id=0)
+    batch = data.collate([{"prompt_ids": r[:-1], "answer_ids": r[-1:]} for r in rows])
     return rm(batch["input_ids"], layout=batch)
 
 
@@ -296,6 +296,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(pair):
 # --- issue 10: weights, gradients, autocast
 
 
+def test_hand_written_backward_passes_match_numerical_gradients():
+    """model.RMSNormFunction and model.SwiGLU save less than autograd would and write their own backward: checked
+    against finite differences in fp64 (catches a dropped mean term, a wrong sigmoid derivative, swapped inputs)."""
+    from model import RMSNormFunction, SwiGLU
+    gen = torch.Generator().manual_seed(0)
+    x, w, g, u = (torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_()
+                  for shape in ((2, 3, 8), (8,), (2, 3, 8), (2, 3, 8)))
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), (x, w))
+    assert torch.autograd.gradcheck(SwiGLU.apply, (g, u))
+
+
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
 def test_lm_checkpoint_becomes_reward_model_with_transformers_scores(name, tmp_path):
     """A causal-LM checkpoint loaded with reward=True scores like transformers' *ForSequenceClassification built
@@ -385,23 +396,28 @@ def packed_pairs():
             for p, c, r in [(9, 4, 6), (3, 2, 1), (2, 3, 3), (5, 1, 2)]]
 
 
-def test_flex_attention_block_mask_equals_sdpa_mask():
-    """The CUDA path (FlexAttention block mask from model.visible) against the CPU path (a dense boolean mask
-    through SDPA), on CPU with eager FlexAttention: the same rule gives the same attention output."""
+def test_flex_attention_block_mask_and_cpu_masks_follow_the_rule():
+    """The CUDA path (a FlexAttention block mask over the row) and the CPU path (one SDPA mask per example, from
+    GPT.positions_and_mask) against the rule `visible` as one dense [T, T] mask, on CPU with eager FlexAttention."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     import data
     from model import visible
-    batch = data.collate(packed_pairs(), pad_id=0)
-    R, T = batch["input_ids"].shape
+    batch = data.collate(packed_pairs())
+    T = batch["input_ids"].shape[1]
     seg, branch = batch["segment_ids"], batch["branch_ids"]
-    block = create_block_mask(lambda b, h, q, k: visible(seg, branch, b, q, k), R, None, T, T, device="cpu")
+    block = create_block_mask(lambda b, h, q, k: visible(seg, branch, b, q, k), 1, None, T, T, device="cpu")
     index = torch.arange(T)
-    dense = visible(seg, branch, torch.arange(R)[:, None, None], index[:, None], index)[:, None]
-    q, k, v = (torch.randn(R, 4, T, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    dense = visible(seg, branch, 0, index[:, None], index)
+    q, k, v = (torch.randn(1, 4, T, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=block), sdpa, rtol=1e-5, atol=1e-5)
-    assert not dense[0, 0, 4 + 9, 9]  # pair 0's first rejected token does not see its first chosen one
-    assert dense[0, 0, 4 + 9, 8] and dense[0, 0, 9, 8]  # both see the prompt's last token
+    from model import GPT, config_from_hf
+    llama = GPT(config_from_hf(dict(model_type="llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                    intermediate_size=32, vocab_size=40)))
+    _, per_example, _ = llama.positions_and_mask(batch["input_ids"], None, None, 0, batch)
+    assert torch.equal(torch.block_diag(*per_example), dense)  # each example's span, nothing across examples
+    assert not dense[9 + 4, 9] and dense[9 + 4, 8] and dense[9, 8]  # pair 0: rejected sees the prompt, not chosen
+    assert dense[:9 + 4 + 6].sum() == 9 * 10 // 2 + 4 * 9 + 4 * 5 // 2 + 6 * 9 + 6 * 7 // 2  # prompt, chosen, rejected
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "opt-proj"])
@@ -412,7 +428,7 @@ def test_reward_model_reads_each_answer_end_in_packed_rows(name, tmp_path):
     hf.save_pretrained(str(tmp_path))
     rm = load_model(str(tmp_path), reward=True)
     pairs = packed_pairs()
-    batch = data.collate(pairs, pad_id=0)
+    batch = data.collate(pairs)
     with torch.no_grad():
         scores = rm(batch["input_ids"], layout=batch)
         alone = [hf(input_ids=torch.tensor([p["prompt_ids"] + p[key]])).logits[:, 0]

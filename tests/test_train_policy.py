@@ -98,8 +98,8 @@ def train_policy_main(args, log):
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=torch.float32)
     examples = train_policy.encode_examples(tok, data.load_pairs(args.data), args)
-    train_policy.add_reference_logps(model, examples, tok.pad_id, 8, torch.device("cpu"))
-    train_policy.train(model, examples, tok.pad_id, args, train_policy.preference_objective, log=log)
+    train_policy.add_reference_logps(model, examples, 8, torch.device("cpu"))
+    train_policy.train(model, examples, args, train_policy.preference_objective, log=log)
     save_model(model, args.out)
 
 
@@ -275,7 +275,7 @@ def test_one_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_world, t
     policy = load_model(tiny_world["model"], dtype=torch.float32)
     start = {n: p.detach().clone() for n, p in policy.named_parameters()}
     examples = train_policy.encode_examples(tok, pairs, args)
-    train_policy.add_reference_logps(reference, examples, tok.pad_id, 4, torch.device("cpu"))
+    train_policy.add_reference_logps(reference, examples, 4, torch.device("cpu"))
     seen = {}
     clip = torch.nn.utils.clip_grad_norm_
 
@@ -284,14 +284,14 @@ def test_one_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_world, t
         seen.update({id(p): p.grad.detach().clone() for p in params})
         return clip(params, limit, *a, **k)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
-    train_policy.train(policy, examples, tok.pad_id, args, train_policy.preference_objective, log=lambda msg: None)
+    train_policy.train(policy, examples, args, train_policy.preference_objective, log=lambda msg: None)
     logged = json.loads(open(tmp_path / "log.jsonl").readline())
 
     # --- here: the batch in the pairs' own order, weights from CONFIDENCES, the loss written out
     fresh = load_model(tiny_world["model"], dtype=torch.float32)
     encoded = [data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len,
                                 args.max_answer_len) for p in pairs]
-    batch = data.collate(encoded, tok.pad_id)
+    batch = data.collate(encoded)
     logps = lambda m: cwpo.sequence_logps(m, batch)["logps"]  # noqa: E731
     with torch.no_grad():
         ref_chosen, ref_rejected = logps(reference).chunk(2)
@@ -472,7 +472,7 @@ def test_one_lora_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_wor
     assert sorted(train_policy.trainable_state(policy)) == sorted(  # the checkpoint's seam: adapters only
         f"h.{i}.{LORA_MODULES[m]}.lora_{ab}" for i in range(2) for m in modules for ab in "ab")
     examples = train_policy.encode_examples(tok, pairs, args)
-    train_policy.add_reference_logps(reference, examples, tok.pad_id, 4, torch.device("cpu"))
+    train_policy.add_reference_logps(reference, examples, 4, torch.device("cpu"))
     seen, clip = {}, torch.nn.utils.clip_grad_norm_
 
     def record_then_clip(params, limit, *a, **k):
@@ -481,12 +481,12 @@ def test_one_lora_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_wor
         seen.update({id(p): p.grad.detach().clone() for p in params})
         return clip(params, limit, *a, **k)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
-    train_policy.train(policy, examples, tok.pad_id, args, train_policy.preference_objective, log=lambda msg: None)
+    train_policy.train(policy, examples, args, train_policy.preference_objective, log=lambda msg: None)
     logged = json.loads(open(tmp_path / "log.jsonl").readline())
 
     fresh = load_model(tiny_world["model"], dtype=torch.float32)  # the plain model: W, without any adapter
     batch = data.collate([data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len,
-                                           args.max_answer_len) for p in pairs], tok.pad_id)
+                                           args.max_answer_len) for p in pairs])
     logps = lambda m: cwpo.sequence_logps(m, batch)["logps"]  # noqa: E731
     with torch.no_grad():
         ref_chosen, ref_rejected = logps(reference).chunk(2)
