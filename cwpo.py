@@ -8,7 +8,7 @@ dispatched by `preference_loss` and defined as TRL 1.16's trainers define them (
 `sequence_logps`, the one log-prob function every script calls; the fused LM-head kernel behind it. Every piece is a
 pure function of tensors (or an autograd Function) that imports only torch: each can be copied alone.
 
-Batch layout (data.py's collate): packed rows input_ids / position_ids / segment_ids / branch_ids [R, T], each
+Batch layout (data.py's collate): one packed row input_ids / position_ids / segment_ids / branch_ids [1, T], each
 prompt once and its two answers after it; the answer tokens to score as flat indices (score_index, score_target,
 score_answer), answers 0..B-1 the chosen and B..2B-1 the rejected ones; weight [B] the per-pair weight.
 """
@@ -77,7 +77,7 @@ def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="si
                loss_weights=None, ld_alpha=None, use_weighting=False, chunk_size=DEFAULT_CHUNK_SIZE, **options):
     """Weighted preference loss of one batch in the batch layout -> (loss scalar, metrics dict of floats).
 
-    One forward of the policy over all 2B rows. ref_*_logps [B]: the reference's summed answer log-probs (from
+    One forward of the policy over the packed row. ref_*_logps [B]: the reference's summed answer log-probs (from
     sequence_logps under no_grad, with the same ld_alpha), or None for a reference-free loss. loss_type: a name of
     LOSS_TYPES or a list of them, combined as sum_k loss_weights[k] * loss_k (TRL's loss_type list).
     ld_alpha: LD-DPO's weight of the answer tokens beyond the shorter answer's length. use_weighting: WPO's per-pair
@@ -337,7 +337,7 @@ def sequence_logps(model, batch, chunk_size=DEFAULT_CHUNK_SIZE, ld_alpha=None, w
       "n_tokens"    [A]       answer tokens scored (a first answer token after an empty prompt is not)
       "wpo_weights" [A]       only with wpo=True: exp(mean_t (log p(y_t) - log sum_v p_v^2)), no gradient (WPO Eq. 2)
     """
-    hidden = model(batch["input_ids"], return_hidden=True, layout=batch)  # [R, T, d]
+    hidden = model(batch["input_ids"], return_hidden=True, layout=batch)  # [1, T, d]
     lm_head = model.lm_head
     hidden = hidden.flatten(0, 1)[batch["score_index"]]  # [N, d]
     flat = token_logps(hidden, lm_head.weight, batch["score_target"], lm_head.bias, chunk_size)

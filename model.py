@@ -156,7 +156,7 @@ class Attention(nn.Module):
             y = torch.cat([F.scaled_dot_product_attention(*qkv, attn_mask=m, enable_gqa=c.n_kv_head != c.n_head)
                            for *qkv, m in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2), mask)], 2)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=c.n_kv_head != c.n_head)
         return self.o(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
 
@@ -169,12 +169,12 @@ def visible(segment_ids, branch_ids, b, q, k):
 
 @functools.cache
 def compiled_flex_attention():
-    """FlexAttention compiled once (its eager form materializes the full score matrix)."""
-    return torch.compile(flex_attention, dynamic=False)
+    """FlexAttention compiled (eager materializes all scores), dynamic in the row length after one recompile."""
+    return torch.compile(flex_attention)
 
 class SwiGLU(torch.autograd.Function):
     """y = silu(g) u; dg = dy u s (1 + g (1 - s)) with s = sigmoid(g), du = dy silu(g). Saves g and u only (autograd
-    would keep silu(g) as well), recomputing s in backward."""
+    would keep silu(g) as well), recomputing silu(g) in backward."""
     @staticmethod
     def forward(ctx, g, u):
         ctx.save_for_backward(g, u)
@@ -183,8 +183,7 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
-        s = torch.sigmoid(g)
-        return dy * u * s * (1 + g * (1 - s)), dy * g * s
+        return torch.ops.aten.silu_backward(dy * u, g), dy * F.silu(g)  # aten's fused silu' (2x faster)
 
 class MLP(nn.Module):
     """SwiGLU down(act(gate(x)) * up(x)) for Llama / Qwen2, down(act(up(x))) for GPT-2 / OPT."""
@@ -246,9 +245,9 @@ class GPT(nn.Module):
     def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0, layout=None):
         """input_ids [B, T] -> logits [B, T, V], or final hidden states [B, T, d'] with return_hidden.
         attention_mask [B, start + T] (1 = real token) allows left or right padding; with a KV cache (see
-        generate), `start` is the number of positions already cached. layout: a batch of data.collate (its
+        generate, which passes the mask), `start` is the number of positions already cached. layout: a batch of data.collate (its
         position_ids, segment_ids and branch_ids), for packed rows instead of attention_mask."""
-        pos, mask, rope = self.positions_and_mask(input_ids, attention_mask, cache, start, layout)
+        pos, mask, rope = self.positions_and_mask(input_ids, attention_mask, start, layout)
         x = self.wte(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
@@ -265,7 +264,7 @@ class GPT(nn.Module):
             x = self.project_out(x)
         return x if return_hidden else self.lm_head(x)
 
-    def positions_and_mask(self, input_ids, attention_mask, cache, start, layout=None):
+    def positions_and_mask(self, input_ids, attention_mask, start, layout=None):
         """-> (positions [B, T], attention mask: [B, 1, T, start + T] bool, a BlockMask or None, RoPE (cos, sin)
         or None).
 
@@ -277,22 +276,20 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         device = input_ids.device
-        causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start) if layout is None else None
         if layout is not None:
             pos, segment_ids, branch_ids = layout["position_ids"], layout["segment_ids"], layout["branch_ids"]
             rule = lambda b, h, q, k: visible(segment_ids, branch_ids, b, q, k)  # noqa: E731
             if device.type == "cuda":
                 mask = create_block_mask(rule, B, None, T, T, device=device)
             else:  # one mask [L, L] per example, in order: the one row holds them side by side
-                ends = torch.unique_consecutive(segment_ids[0], return_counts=True)[1].cumsum(0).tolist()
-                spans = [torch.arange(s, e, device=device) for s, e in zip([0] + ends[:-1], ends)]
-                mask = [rule(0, None, span[:, None], span) for span in spans]
-        elif attention_mask is None:
-            pos = torch.arange(start, start + T, device=device).expand(B, T)
-            mask = None if cache is None else causal.expand(B, 1, T, start + T)
+                sizes = torch.unique_consecutive(segment_ids[0], return_counts=True)[1].tolist()
+                mask = [rule(0, None, span[:, None], span) for span in torch.arange(T, device=device).split(sizes)]
+        elif attention_mask is None:  # causal, no cache (generate passes a mask)
+            pos, mask = torch.arange(T, device=device).expand(B, T), None
         else:
             real = attention_mask.bool()
             pos = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+            causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
             diagonal = torch.arange(start + T, device=device) == torch.arange(start, start + T, device=device)[:, None]
             mask = ((causal & real[:, None, :]) | diagonal)[:, None]
         if not self.config.rope:

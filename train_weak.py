@@ -90,8 +90,7 @@ def train_annotator(labeled, args, device, log=print):
     tok = load_tokenizer(args.model)
     rm = train_policy.load_trainable(args, tok, device, reward=True)
     log(train_policy.memory_line(rm.config, args, 1, device, reward=True))
-    train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), args, bt_objective,
-                       device=device, log=log)
+    train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), args, bt_objective, device=device, log=log)
     return rm, tok
 
 def main(args):

@@ -10,8 +10,8 @@ With --data: --hh-pairs real pairs (seeded sample), tokenized by --tokenizer (th
 --max-prompt-len + --max-answer-len (256 + 128), a truncated answer's last token made the EOS (TRL appends one).
 Each step is a different batch of --pairs: the batches train_policy.train draws in its first epoch, given to TRL
 in the same order (its sampler sequential), so both sides train on the same batches and their losses agree step
-by step. The step time is the mean over the timed steps; the tokens each side computes (ours: packed rows incl.
-their padding; TRL: 2 x pairs rows padded to the longest) and the useful FLOPs (real tokens with each prompt once,
+by step. The step time is the mean over the timed steps; the tokens each side computes (ours: the one packed row,
+no padding; TRL: 2 x pairs rows padded to the longest) and the useful FLOPs (real tokens with each prompt once,
 attention over the visible (query, key) pairs, the LM head on the answer tokens) are printed, and the matmul
 reference is timed at the mean real-token count. --rounds N runs every variant N times interleaved (ABAB); the
 table gives each round's mean.
@@ -62,7 +62,8 @@ Per variant:
                         those that predict a completion token; TRL on a device without Triton (CPU) all
                         positions, with Triton (CUDA) only the completion ones (trl.trainer.utils.add_fused_lm_head)
                 ref     trl_ref also runs the reference forward each step: body/3 + 2 x d x V x projected positions
-              "useful" FLOP/s counts the same work for every variant (body + head on the completion positions, no
+              "useful" FLOP/s counts the same work for every variant (the body on each prompt once and both
+              answers, attention over the visible (query, key) pairs, the head on the completion positions, no
               reference), so its ratio is the speed ratio. The useful FLOPs at the matmul rate give the shortest step
               this machine allows, printed with the largest speed-up over TRL's best it would mean.
 Peak RSS with MALLOC_MMAP_MAX_=0 follows the heap's high-water mark, fragmentation included: it moves by
@@ -366,7 +367,10 @@ def step_flops(args, shape, vocab_size):
     body_fwd = 2 * linear_params * tokens + 4 * args.layers * tokens * seq * shape["d_attn"]
     head = 2 * args.width * vocab_size  # forward FLOPs per projected position
     trl_projected = completion if (args.device.startswith("cuda") and triton_available()) else all_positions
-    useful = 3 * body_fwd + 3 * head * completion
+    p, c = args.prompt_len, args.completion_len  # useful: each prompt once, attention over the visible pairs
+    visible = args.pairs * (p * (p + 1) // 2 + 2 * c * p + c * (c + 1))
+    useful = 3 * (2 * linear_params * args.pairs * (p + 2 * c) + 4 * args.layers * shape["d_attn"] * visible)
+    useful += 3 * head * completion
     return {"tokens": tokens, "useful": useful, "ours_projected": completion, "trl_projected": trl_projected,
             "ours": useful,
             "trl_precompute": 3 * body_fwd + 3 * head * trl_projected,
@@ -526,7 +530,7 @@ def main(args):
                          + [[round(mean["scored"]), args.width, vocab]])
                 print(f"  real HH pairs, mean over the timed steps: {mean['real_once']:.0f} real tokens with each prompt "
                       f"once ({mean['real_twice']:.0f} with it twice); computed: ours {mean['ours']:.0f} "
-                      f"({mean['ours_rows']:.1f} packed rows), TRL {mean['trl']:.0f} (2 x {args.pairs} padded rows); "
+                      f"({mean['ours_rows']:.0f} packed row), TRL {mean['trl']:.0f} (2 x {args.pairs} padded rows); "
                       f"TRL / ours {mean['trl'] / mean['ours']:.2f}x, ours / real {mean['ours'] / mean['real_once']:.2f}x")
             with open(os.path.join(work, "shapes.json"), "w") as f:
                 json.dump(gemms, f)
