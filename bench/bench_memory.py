@@ -182,7 +182,7 @@ def main(args):
         mid = statistics.median(measured[name])
         spread = max(measured[name]) - min(measured[name])
         print(f"{name:8} {mid / GIB:14.2f} {spread / GIB:8.2f} {est['total'] / GIB:13.2f} {est['total'] / mid:9.2f} "
-              f"{mid / full:8.2f}")
+              f"{mid / full:8.3f}")
     print("estimate, GiB: " + "; ".join(f"{name} " + " + ".join(f"{k} {v / GIB:.2f}" for k, v in list(est.items())[:5])
                                         for name, est in estimates.items()))
 
