@@ -51,47 +51,55 @@ def shard(model, world_size, device):
         return model
     from torch.distributed.fsdp import fully_shard
     mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (world_size,))
-    for group in [*getattr(model, "body", model).h, model]:  # a RewardModel's decoder is .body
+    body = getattr(model, "body", model)  # a RewardModel's decoder is .body
+    for group in [*body.h, model]:
         fully_shard(group, mesh=mesh)
         group.set_gradient_divide_factor(1.0)
         group.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
+    if body.ln_f is not None and body.project_in is None:  # past ln_f, backward reads no root weight: free them
+        body.ln_f.register_full_backward_hook(lambda *_: model.reshard())
     return model
 
-def parameter_counts(cfg, reward=False, lora_rank=0, lora_modules=()):
-    """Parameters of model.GPT (or RewardModel) counted from its Config, without building it -> (root: embeddings,
-    final norm and heads; one block; the LoRA adapters of one block). Root and blocks are FSDP's groups."""
-    d, attn, norm = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.d_model * (1 if cfg.rope else 2)  # LayerNorm: + bias
-    linears = {"qkv": (d, attn + 2 * cfg.n_kv_head * cfg.head_dim, cfg.qkv_bias), "o": (attn, d, cfg.o_bias),
-               "gate": (d, cfg.d_ff * cfg.rope, cfg.mlp_bias), "up": (d, cfg.d_ff, cfg.mlp_bias),
-               "down": (cfg.d_ff, d, cfg.mlp_bias)}  # gate: SwiGLU families only
+def memory_estimate(cfg, args, world_size=1, device=torch.device("cpu"), reward=False):
+    """Peak bytes per rank of training model.GPT (or RewardModel) with these settings, from its Config. Trained
+    parameters are fp32: weights 4, gradients 4, AdamW 8 bytes each (a frozen LoRA base 2 on CUDA, else 4); a tied
+    embedding gets a second V e gradient as backward adds the head's to the lookup's. FSDP (groups: the root, each
+    block): 1/world_size of each, plus the largest group's whole gradient and reduce-scatter input (8 bytes a
+    parameter; LoRA: the root's and a block's weights); --grad-accum > 1 keeps gradients whole. Activations, t <=
+    pairs (P + 2A) tokens a micro-batch (P + A for SFT) of s bytes (2 under bf16): a block saves t s ((4+2r) d + 4-2r
+    + (2+r)(q+kv) + (2+2r-[relu]) f + H + T) (r = 1: RoPE, RMSNorm, SwiGLU; T = P + 2A, the CPU mask's row), or if
+    checkpointed its input t d s, one block recomputed at a time; the fused LM head min(N, 256) V fp32 logits."""
+    d, q, kv, r = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.rope
+    e, norm = cfg.proj_dim or d, d * (2 - r)  # LayerNorm: + bias
+    linears = {"qkv": (d, q + 2 * kv, cfg.qkv_bias), "o": (q, d, cfg.o_bias), "gate": (d, cfg.d_ff * r, cfg.mlp_bias),
+               "up": (d, cfg.d_ff, cfg.mlp_bias), "down": (cfg.d_ff, d, cfg.mlp_bias)}  # gate: SwiGLU families only
     block = sum(i * o + o * bias for i, o, bias in linears.values()) + 2 * norm
-    adapters = sum(lora_rank * (i + o) for name, (i, o, _) in linears.items() if name in lora_modules and o)
-    emb = cfg.proj_dim or d
-    root = cfg.vocab_size * emb + norm * cfg.final_norm + 2 * emb * d * bool(cfg.proj_dim)
-    root += 0 if cfg.rope else (cfg.max_pos + 2 * (cfg.model_type == "opt")) * d
-    return root + (emb if reward else cfg.vocab_size * emb * (not cfg.tie_word_embeddings)), block, adapters
-
-def memory_estimate(cfg, world_size=1, lora_rank=0, lora_modules=(), base_bytes=4, grad_accum=1, reward=False):
-    """Bytes per rank of weights, gradients and AdamW state (trainable fp32: 4 + 4 + 8 bytes a parameter; a frozen
-    LoRA base: base_bytes), activations aside. FSDP: 1/world_size of each, plus the largest group whole while it runs
-    (its parameters, gradients and reduce-scatter buffer); with --grad-accum > 1 gradients stay whole till the last."""
-    root, block, adapters = parameter_counts(cfg, reward, lora_rank, lora_modules)
-    total = root + cfg.n_layer * block
-    trainable = cfg.n_layer * adapters if lora_rank else total
-    weights = total * base_bytes + trainable * 4 if lora_rank else total * 4
-    gathered = max(root, block) * (base_bytes if lora_rank else 12) if world_size > 1 else 0
-    return {"weights": weights / world_size, "gradients": trainable * 4 / (world_size if grad_accum == 1 else 1),
-            "optimizer": trainable * 8 / world_size, "gathered": gathered, "parameters": total, "trainable": trainable}
+    root = cfg.vocab_size * e + norm * cfg.final_norm + 2 * e * d * bool(cfg.proj_dim)
+    root += (0 if r else (cfg.max_pos + 2 * (cfg.model_type == "opt")) * d) + (e if reward else 0)
+    root += cfg.vocab_size * e * (not cfg.tie_word_embeddings and not reward)  # an untied LM head
+    total, base = root + cfg.n_layer * block, 2 if args.lora_rank and device.type == "cuda" else 4
+    trained = cfg.n_layer * sum(args.lora_rank * (i + o) for m, (i, o, _) in linears.items()
+                                  if m in args.lora_modules.split(",") and o) if args.lora_rank else total
+    pairs = math.ceil(math.ceil(args.batch_size / world_size) / args.grad_accum)  # train's micro-batch
+    length = args.max_prompt_len + (1 if args.objective == "sft" else 2) * args.max_answer_len
+    saved = ((4 + 2 * r) * d + 4 - 2 * r + (2 + r) * (q + kv) + (2 + 2 * r - (cfg.act == "relu")) * cfg.d_ff
+             + cfg.n_head + length * (device.type == "cpu"))  # a block's, per token
+    act = 2 if device.type == "cuda" and (args.bf16 or args.lora_rank) else 4  # bytes: bf16 autocast, else fp32
+    kept = act * (d * cfg.n_layer + saved if args.grad_checkpointing else saved * cfg.n_layer)  # per token
+    head = 0 if reward else min(pairs * (length - args.max_prompt_len), cwpo.DEFAULT_CHUNK_SIZE) * cfg.vocab_size * 4
+    tied = 4 * cfg.vocab_size * e * (cfg.tie_word_embeddings and not args.lora_rank and not reward)
+    est = {"weights": (total * base + trained * 4 if args.lora_rank else total * 4) / world_size,
+           "gradients": 4 * trained / (1 if args.grad_accum > 1 else world_size), "optimizer": 8 * trained / world_size,
+           "gathered": ((root + block) * base if args.lora_rank else 8 * max(root, block)) if world_size > 1 else tied,
+           "activations": pairs * length * kept + head}
+    return dict(est, total=sum(est.values()), parameters=total, trainable=trained)
 
 def memory_line(cfg, args, world_size, device, reward=False):
     """The estimate for these settings, as the line each script prints at start."""
-    base_bytes = 2 if args.lora_rank and device.type == "cuda" else 4  # load_trainable's dtype
-    est = memory_estimate(cfg, world_size, args.lora_rank, args.lora_modules.split(","), base_bytes, args.grad_accum,
-                          reward)
-    kinds = ("weights", "gradients", "optimizer", "gathered")
+    est = memory_estimate(cfg, args, world_size, device, reward)
     return (f"memory per rank ({est['parameters'] / 1e6:.2f}M parameters, {est['trainable'] / 1e6:.2f}M trained, "
-            f"{world_size} rank(s)): " + " + ".join(f"{k} {est[k] / 2**30:.2f}" for k in kinds) +
-            f" = {sum(est[k] for k in kinds) / 2**30:.2f} GiB, activations aside")
+            f"{world_size} rank(s)): " + " + ".join(f"{k} {est[k] / 2**30:.2f}" for k in list(est)[:5]) +
+            f" = {est['total'] / 2**30:.2f} GiB")
 
 def pair_weights(pairs, weighting, top_fraction):
     """-> (pairs, weights): CW-PO's confidence, all ones, or the top-N % most confident pairs with weight 1."""

@@ -15,8 +15,12 @@ Measured: the peak of RssAnon (/proc/self/status: anonymous resident memory, i.e
 mappings where tensors live; file-backed pages such as libraries and mapped files are left out), sampled every
 2 ms by a thread during train_policy.train (the optimizer's state is created there), minus RssAnon before the
 model was loaded (the Python and torch runtime). So it holds the weights, gradients, AdamW state, FSDP's
-gathered groups and the activations; the estimate holds all but the activations. Variants are run in turn
-(A B C A B C ... with --repeats), and the spread over repeats is printed.
+gathered groups and the activations, as the estimate (train_policy.memory_estimate, from the same flags) does.
+Every variant runs with MALLOC_MMAP_THRESHOLD_=1048576: glibc then hands each freed block of 1 MiB or more back
+to the OS at once. With its default, freed blocks below 32 MiB stay in the heap and RssAnon counts them as if
+alive; FSDP gathers and frees block-sized tensors at every step, so an FSDP rank would carry about 0.7 GiB of
+freed memory (the single process, which frees little, about 0.07 GiB). Variants are run in turn
+(A B C A B C ... with --repeats), and the spread (max - min) over repeats is printed.
 """
 import argparse
 import json
@@ -99,25 +103,30 @@ def build(folder, args):
 
 
 def variants(has_lora):
-    """name -> (extra flags, ranks, memory_estimate keywords)."""
-    lora = {"lora_rank": 16, "lora_modules": ALL_MODULES}
-    found = {"full": ([], 1, {}), "fsdp2": ([], 2, {"world_size": 2})}
+    """name -> (extra flags, ranks)."""
+    found = {"full": ([], 1), "fsdp2": ([], 2)}
     if has_lora:
-        found["lora"] = (["--lora-rank", "16", "--lora-modules", ",".join(ALL_MODULES)], 1, lora)
+        found["lora"] = (["--lora-rank", "16", "--lora-modules", ",".join(ALL_MODULES)], 1)
     return found
 
 
-def measure(name, flags, ranks, model_dir, pairs, folder, args, i):
+def train_flags(model_dir, pairs, args, flags):
+    """train_policy.py's flags for one variant (the estimate reads the same)."""
+    return ["--model", model_dir, "--data", pairs, "--max-steps", str(args.steps), "--batch-size", str(args.batch),
+            "--max-prompt-len", str(args.seq), "--max-answer-len", str(args.seq), "--warmup-steps", "1",
+            "--log-every", "1", *flags]
+
+
+def measure(name, argv, ranks, folder, i):
     out = os.path.join(folder, f"{name}-{i}")
     os.makedirs(out)
     child = os.path.join(folder, "child.py")
     with open(child, "w") as f:
         f.write(CHILD.format(root=ROOT, out=out))
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc-per-node", str(ranks)] if ranks > 1 else [])
-    cmd += [child, "--model", model_dir, "--data", pairs, "--out", out, "--max-steps", str(args.steps),
-            "--batch-size", str(args.batch), "--max-prompt-len", str(args.seq), "--max-answer-len", str(args.seq),
-            "--warmup-steps", "1", "--log-every", "1", *flags]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)))
+    cmd += [child, *argv, "--out", out]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)),
+               MALLOC_MMAP_THRESHOLD_="1048576")  # freed tensors leave RssAnon at once (see the docstring)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name}: failed\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
@@ -125,7 +134,9 @@ def measure(name, flags, ranks, model_dir, pairs, folder, args, i):
 
 
 def table():
-    """What fits on 80 GB GPUs: weights + gradients + AdamW state (+ FSDP's gathered group) per GPU, bf16 LoRA base."""
+    """What fits on 80 GB GPUs, from train_policy.memory_estimate: 4 pairs of 256 + 256 tokens a GPU a micro-batch
+    (--batch-size 32, --grad-accum 8 on one GPU, 1 on eight), bf16 autocast, gradient checkpointing, bf16 LoRA base."""
+    import torch
     import train_policy
     from model import config_from_hf
     rows = ["| student | parameters | full, 1 GPU | LoRA r 16 all modules, 1 GPU | FSDP2 full, 8 GPUs (per GPU) "
@@ -133,14 +144,14 @@ def table():
     for name, hf in STUDENTS.items():
         cfg = config_from_hf(hf)
         cells = []
-        for ranks, lora in ((1, {}), (1, dict(lora_rank=16, lora_modules=ALL_MODULES, base_bytes=2)), (8, {}),
-                            (8, dict(lora_rank=16, lora_modules=ALL_MODULES, base_bytes=2))):
-            est = train_policy.memory_estimate(cfg, ranks, **lora)
-            gb = sum(est[k] for k in ("weights", "gradients", "optimizer", "gathered")) / 1e9
-            cells.append(f"{gb:.1f} GB {'fits' if gb <= 70 else 'no'}")
+        for ranks, lora in ((1, []), (1, ["--lora-rank", "16"]), (8, []), (8, ["--lora-rank", "16"])):
+            flags = ["--model", "m", "--data", "d", "--out", "o", "--batch-size", "32", "--grad-accum", str(8 // ranks)]
+            est = train_policy.memory_estimate(cfg, train_policy.parser().parse_args(flags + lora), ranks,
+                                               torch.device("cuda"))
+            cells.append(f"{est['total'] / 1e9:.1f} GB {'fits' if est['total'] <= 75e9 else 'no'}")
         rows.append(f"| {name} | {est['parameters'] / 1e9:.2f}B | " + " | ".join(cells) + " |")
     print("\n".join(rows))
-    print("fits: at most 70 GB of the 80, leaving 10 GB for activations (which grow with batch and length)")
+    print("fits: at most 75 GB of the 80, leaving 5 GB for the CUDA context and the caching allocator's slack")
 
 
 def main(args):
@@ -154,22 +165,26 @@ def main(args):
     cfg = config_from_hf(QWEN_05B)
     with tempfile.TemporaryDirectory() as folder:
         model_dir, pairs = build(folder, args)
-        found, measured = {k: v for k, v in variants(has_lora).items() if k in args.only.split(",")}, {}
+        found = {k: (train_flags(model_dir, pairs, args, flags), ranks)
+                 for k, (flags, ranks) in variants(has_lora).items() if k in args.only.split(",")}
+        measured = {}
         for i in range(args.repeats):  # variants in turn, repeated
-            for name, (flags, ranks, _) in found.items():
-                measured.setdefault(name, []).append(measure(name, flags, ranks, model_dir, pairs, folder, args, i))
+            for name, (argv, ranks) in found.items():
+                measured.setdefault(name, []).append(measure(name, argv, ranks, folder, i))
                 print(f"  repeat {i + 1} {name}: {measured[name][-1] / GIB:.2f} GiB", flush=True)
+        estimates = {name: train_policy.memory_estimate(cfg, train_policy.parser().parse_args(argv + ["--out", "x"]),
+                                                        ranks) for name, (argv, ranks) in found.items()}
     print(f"Qwen2.5-0.5B shape, {args.steps} steps, batch {args.batch} pairs of {args.seq} + {args.seq} tokens, "
-          f"fp32 CPU; peak RssAnon during train() minus the runtime's, per rank")
+          f"fp32 CPU; peak RssAnon during train() minus the runtime's, per rank; median of {args.repeats}")
     print(f"{'variant':8} {'measured GiB':>14} {'spread':>8} {'estimate GiB':>13} {'est/meas':>9} {'vs full':>8}")
-    for name, (flags, ranks, keywords) in found.items():
-        est = train_policy.memory_estimate(cfg, **keywords)
-        estimate = sum(est[k] for k in ("weights", "gradients", "optimizer", "gathered"))
+    full = statistics.median(measured["full"]) if "full" in measured else float("nan")
+    for name, est in estimates.items():
         mid = statistics.median(measured[name])
         spread = max(measured[name]) - min(measured[name])
-        full = statistics.median(measured["full"]) if "full" in measured else float("nan")
-        print(f"{name:8} {mid / GIB:14.2f} {spread / GIB:8.2f} {estimate / GIB:13.2f} {estimate / mid:9.2f} "
-              f"{mid / full:8.2f}")
+        print(f"{name:8} {mid / GIB:14.2f} {spread / GIB:8.2f} {est['total'] / GIB:13.2f} {est['total'] / mid:9.2f} "
+              f"{mid / full:8.3f}")
+    print("estimate, GiB: " + "; ".join(f"{name} " + " + ".join(f"{k} {v / GIB:.2f}" for k, v in list(est.items())[:5])
+                                        for name, est in estimates.items()))
 
 
 if __name__ == "__main__":

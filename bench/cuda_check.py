@@ -223,11 +223,11 @@ def check_lora_7b(device, small):
     sync(device)
     seconds, peak = time.time() - t0, memory(device)
     n_params = sum(p.numel() for p in policy.parameters())
-    est = train_policy.memory_estimate(policy.config, lora_rank=16, lora_modules=tuple(M.LORA_MODULES),
-                                       base_bytes=2 if device.type == "cuda" else 4)
-    estimate = sum(est[k] for k in ("weights", "gradients", "optimizer"))
+    flags = ["--model", "m", "--data", "d", "--out", "o", "--lora-rank", "16", "--batch-size", str(pairs),
+             "--max-prompt-len", str(prompt_len), "--max-answer-len", str(answer_len)]  # the step above
+    estimate = train_policy.memory_estimate(policy.config, train_policy.parser().parse_args(flags), 1, device)["total"]
     shown = (f"peak {peak / 2**30:.1f} GiB, {seconds:.1f} s, {tokens} tokens, {n_params / 1e9:.2f}B params; estimate "
-             f"(weights + gradients + optimizer, activations aside) {estimate / 2**30:.1f} GiB")
+             f"(train_policy.memory_estimate, activations included) {estimate / 2**30:.1f} GiB")
     report("lora-7b one DPO step", bool(torch.isfinite(loss)) and (device.type != "cuda" or peak < 80 * 2**30),
            shown, "finite loss, fits in 80 GB")
 

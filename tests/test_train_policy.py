@@ -434,24 +434,67 @@ def test_a_global_batch_smaller_than_the_ranks_is_one_line(tiny_world, tmp_path)
     assert "Traceback" not in done.stderr.split("error: ")[0] and not os.path.exists(tmp_path / "x")
 
 
+def estimate(cfg, *flags, world_size=1, device="cpu", reward=False):
+    args = train_policy.parser().parse_args(["--model", "m", "--data", "d", "--out", "o", *flags])
+    return train_policy.memory_estimate(cfg, args, world_size, torch.device(device), reward)
+
+
+FAMILIES = [dict(model_type="qwen2", vocab_size=1000, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=80, tie_word_embeddings=False),
+            dict(model_type="opt", vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=False),
+            dict(model_type="gpt2", vocab_size=500, n_embd=48, n_layer=2, n_head=4, n_positions=128)]
+
+
 def test_memory_estimate_counts_the_parameters_of_each_family_from_the_config():
     from model import GPT, RewardModel, config_from_hf
-    configs = [dict(model_type="qwen2", vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=96, tie_word_embeddings=False),
-               dict(model_type="opt", vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=False),
-               dict(model_type="gpt2", vocab_size=500, n_embd=64, n_layer=2, n_head=4, n_positions=128)]
-    for hf in configs:  # bug: a bias, a norm, OPT's projections or an untied head left out
+    for hf in FAMILIES:  # bug: a bias, a norm, OPT's projections or an untied head left out
         cfg = config_from_hf(hf)
         for reward in (False, True):
             with torch.device("meta"):
                 built = sum(p.numel() for p in (RewardModel(cfg) if reward else GPT(cfg)).parameters())
-            assert train_policy.memory_estimate(cfg, reward=reward)["parameters"] == built, (hf["model_type"], reward)
-    cfg = config_from_hf(configs[0])
-    est = train_policy.memory_estimate(cfg, world_size=4, lora_rank=8, lora_modules=("qkv", "down"), base_bytes=2)
-    lora = 2 * 8 * ((64 + 128) + (96 + 64))  # layers * rank * (in + out) of the fused q|k|v and of down
+            assert estimate(cfg, reward=reward)["parameters"] == built, (hf["model_type"], reward)
+    cfg = config_from_hf(FAMILIES[0])
+    est = estimate(cfg, "--lora-rank", "8", "--lora-modules", "qkv,down", world_size=4, device="cuda")
+    lora = 2 * 8 * ((48 + 96) + (80 + 48))  # layers * rank * (in + out) of the fused q|k|v and of down
     assert est["trainable"] == lora and est["optimizer"] == 8 * lora / 4
     assert est["weights"] == (2 * est["parameters"] + 4 * lora) / 4
+    tied = config_from_hf(dict(FAMILIES[0], tie_word_embeddings=True))  # bug: the second V x d gradient forgotten
+    assert estimate(tied)["gathered"] == 4 * 1000 * 48 and estimate(cfg)["gathered"] == 0
+    assert estimate(tied, "--lora-rank", "8")["gathered"] == 0  # a frozen embedding has no gradient
+
+
+@pytest.mark.parametrize("hf", FAMILIES[:1] + [dict(FAMILIES[1], word_embed_proj_dim=64, activation_function="relu"),
+                                               FAMILIES[2]], ids=lambda hf: hf["model_type"])
+def test_memory_estimate_activations_are_what_autograd_saves(hf):
+    """One block's activations in the estimate against the bytes autograd keeps for backward, counted
+    independently with saved-tensor hooks (storages, each once, parameters left out) in a model of 2 blocks minus
+    one of 1, on a full micro-batch of the packed layout. Bugs: a saved tensor left out or counted twice (SwiGLU's
+    gate, the rotated q and k, the CPU mask, the norms' statistics), a ReLU's output counted beside the down input."""
+    import data
+    from model import GPT, config_from_hf
+    pairs, prompt, answer = 3, 7, 5
+    examples = [{"prompt_ids": list(range(3, 3 + prompt)), "chosen_ids": [4] * answer, "rejected_ids": [5] * answer}
+                for _ in range(pairs)]
+    batch = data.collate(examples, pad_id=0)
+    flags = ("--no-grad-checkpointing", "--batch-size", str(pairs), "--max-prompt-len", str(prompt),
+             "--max-answer-len", str(answer))
+    found = {}
+    for layers in (1, 2):
+        cfg = config_from_hf(dict(hf, **{"n_layer" if hf["model_type"] == "gpt2" else "num_hidden_layers": layers}))
+        model = GPT(cfg).init_weights().train()
+        params, storages = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(batch["input_ids"], return_hidden=True, layout=batch)
+        found[layers] = (sum(storages.values()), estimate(cfg, *flags)["activations"])
+    assert found[2][0] - found[1][0] == found[2][1] - found[1][1] > 0
+    checkpointed = [estimate(config_from_hf(dict(hf)), *flags[1:]), estimate(config_from_hf(dict(hf)), *flags)]
+    assert checkpointed[0]["activations"] < checkpointed[1]["activations"]
 
 
 # --- issue 14: LoRA. One step against the formulas: at B = 0 the gradient of y = W x + s B A x (s = alpha / r) is
