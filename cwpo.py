@@ -296,16 +296,11 @@ def preference_loss(loss_type, chosen_logps, rejected_logps, ref_chosen_logps=No
         return hinge_loss(delta, beta)
     if loss_type == "ipo":
         return ipo_loss(chosen_scores, rejected_scores, n_chosen, n_rejected, beta)
-    if loss_type == "exo_pair":
-        return exo_pair_loss(delta, beta, label_smoothing)
-    if loss_type == "nca_pair":
-        return nca_pair_loss(chosen_logratios, rejected_logratios, beta)
-    if loss_type == "robust":
-        return robust_loss(delta, beta, label_smoothing)
-    if loss_type == "bco_pair":
-        return bco_pair_loss(chosen_logratios, rejected_logratios, beta)
-    if loss_type == "sppo_hard":
-        return sppo_hard_loss(chosen_logratios, rejected_logratios, beta)
+    if loss_type in ("exo_pair", "robust"):  # smoothed losses of delta
+        return {"exo_pair": exo_pair_loss, "robust": robust_loss}[loss_type](delta, beta, label_smoothing)
+    if loss_type in ("nca_pair", "bco_pair", "sppo_hard"):  # losses of u+ and u- apart
+        loss = {"nca_pair": nca_pair_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss}[loss_type]
+        return loss(chosen_logratios, rejected_logratios, beta)
     if loss_type == "aot":
         return aot_loss(chosen_logps - rejected_logps, ref_chosen - ref_rejected, beta, label_smoothing)
     if loss_type == "aot_unpaired":

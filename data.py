@@ -187,7 +187,7 @@ def encode_pair(tok, prompt, chosen, rejected, max_prompt_len, max_answer_len):
             "chosen_ids": encode_answer(tok, chosen, max_answer_len),
             "rejected_ids": encode_answer(tok, rejected, max_answer_len)}
 
-def collate(examples, weights=None):
+def collate(examples):
     """Batch encoded examples in the one layout every script uses: one row, no padding, each prompt computed once
     and followed by its answer(s). The row of pair 0 (prompt p0, chosen c0, rejected r0) and pair 1:
 
@@ -204,8 +204,8 @@ def collate(examples, weights=None):
       score_index  [N] long  index in the row of the hidden state that predicts the token
       score_target [N] long  the token id;   score_answer [N] long  its answer
       last_index   [A] long  index of each answer's last token (the reward model's score is read there)
-    With input_ids, position_ids, segment_ids, branch_ids [1, T] long and weight [B] float: `weights`, else each
-    example's "weight", else 1. An answer's first token has no predictor, and is not scored, after an empty prompt.
+    With input_ids, position_ids, segment_ids, branch_ids [1, T] long and weight [B] float: each example's
+    "weight", else 1. An answer's first token has no predictor, and is not scored, after an empty prompt.
     """
     keys = ("chosen_ids", "rejected_ids") if "chosen_ids" in examples[0] else ("answer_ids",)
     layout = {name: [] for name in ("input_ids", "position_ids", "segment_ids", "branch_ids")}
@@ -227,18 +227,14 @@ def collate(examples, weights=None):
             # position t of prompt + answer predicts token t + 1
             scored[a] = [(flat(len(prompt) + j - 1), token) for j, token in enumerate(answer) if len(prompt) + j]
             last_index[a] = flat(len(prompt) + len(answer) - 1)
-    if weights is None:
-        weights = [ex.get("weight", 1.0) for ex in examples]
-    weight = torch.as_tensor(weights, dtype=torch.float32).reshape(-1)
-    if len(weight) != len(examples):
-        raise ValueError(f"{len(weight)} weights for {len(examples)} examples")
     flat_scored = [(index, target, a) for a, tokens in enumerate(scored) for index, target in tokens]
     score_index, score_target, score_answer = zip(*flat_scored) if flat_scored else ((), (), ())
     return {**{name: torch.tensor([value]) for name, value in layout.items()},
             "score_index": torch.tensor(score_index, dtype=torch.long),
             "score_target": torch.tensor(score_target, dtype=torch.long),
             "score_answer": torch.tensor(score_answer, dtype=torch.long),
-            "last_index": torch.tensor(last_index), "weight": weight}
+            "last_index": torch.tensor(last_index),
+            "weight": torch.tensor([ex.get("weight", 1.0) for ex in examples], dtype=torch.float32)}
 
 def iterate_batches(examples, batch_size, seed=None):
     """Yield lists of batch_size examples (the last one may be shorter); shuffled by `seed` when given."""

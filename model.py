@@ -111,8 +111,7 @@ class RMSNormFunction(torch.autograd.Function):
         dx = rstd * (g - n * (g * n).mean(-1, keepdim=True))
         return dx.to(x.dtype), (dy * n.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype), None
 
-class RMSNorm(nn.Module):
-    """weight * x / sqrt(mean(x^2) + eps) (Llama, Qwen2)."""
+class RMSNorm(nn.Module):  # Llama, Qwen2
     def __init__(self, d, eps):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
@@ -143,9 +142,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], dim=-1)
         q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
         k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2).contiguous()  # attention keeps v, not all of qkv
-        if rope is not None:
-            q, k = rotate(q, *rope), rotate(k, *rope)
+        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        if rope is not None:  # q and k are new tensors: a copy of v lets attention keep v alone, not all of qkv
+            q, k, v = rotate(q, *rope), rotate(k, *rope), v.contiguous()
         if cache is not None:  # write this step's keys/values, attend over everything so far
             cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
@@ -222,10 +221,10 @@ class GPT(nn.Module):
         emb_dim = cfg.proj_dim or cfg.d_model
         self.wte = nn.Embedding(cfg.vocab_size, emb_dim)
         self.wpe = None if cfg.rope else nn.Embedding(cfg.max_pos + (2 if cfg.model_type == "opt" else 0), cfg.d_model)
-        self.project_in = nn.Linear(emb_dim, cfg.d_model, bias=False) if cfg.proj_dim else None
+        self.project_in = nn.Linear(emb_dim, cfg.d_model, bias=False) if cfg.proj_dim else nn.Identity()
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = make_norm(cfg) if cfg.final_norm else None
-        self.project_out = nn.Linear(cfg.d_model, emb_dim, bias=False) if cfg.proj_dim else None
+        self.ln_f = make_norm(cfg) if cfg.final_norm else nn.Identity()
+        self.project_out = nn.Linear(cfg.d_model, emb_dim, bias=False) if cfg.proj_dim else nn.Identity()
         self.lm_head = nn.Linear(emb_dim, cfg.vocab_size, bias=False) if lm_head else None
         if lm_head and cfg.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -245,12 +244,10 @@ class GPT(nn.Module):
     def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0, layout=None):
         """input_ids [B, T] -> logits [B, T, V], or final hidden states [B, T, d'] with return_hidden.
         attention_mask [B, start + T] (1 = real token) allows left or right padding; with a KV cache (see
-        generate, which passes the mask), `start` is the number of positions already cached. layout: a batch of data.collate (its
-        position_ids, segment_ids and branch_ids), for packed rows instead of attention_mask."""
+        generate, which passes a mask), `start` counts the positions already cached. layout: a batch of
+        data.collate (its position_ids, segment_ids and branch_ids), the packed row instead of attention_mask."""
         pos, mask, rope = self.positions_and_mask(input_ids, attention_mask, start, layout)
-        x = self.wte(input_ids)
-        if self.project_in is not None:
-            x = self.project_in(x)
+        x = self.project_in(self.wte(input_ids))
         if self.wpe is not None:  # OPT stores max_pos + 2 learned positions and skips the first two
             x = x + self.wpe(pos + (2 if self.config.model_type == "opt" else 0))
         for i, block in enumerate(self.h):
@@ -258,22 +255,15 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
                 x = block(x, rope, mask, None if cache is None else cache[i], start)
-        if self.ln_f is not None:
-            x = self.ln_f(x)
-        if self.project_out is not None:
-            x = self.project_out(x)
+        x = self.project_out(self.ln_f(x))
         return x if return_hidden else self.lm_head(x)
 
     def positions_and_mask(self, input_ids, attention_mask, start, layout=None):
-        """-> (positions [B, T], attention mask: [B, 1, T, start + T] bool, a BlockMask or None, RoPE (cos, sin)
-        or None).
-
-        Positions count real tokens only, so a left-padded prompt sees the same positions as an unpadded one. A
-        padding query attends to itself, so that no row of the mask is empty (its output is unused).
-        The packed row (layout) takes its positions from the layout and the rule `visible`: on CPU a list of
-        boolean masks, one per example, for SDPA over that example's span alone; on CUDA a FlexAttention block
-        mask over the whole row (a dense mask would turn SDPA's flash kernels off).
-        """
+        """-> (positions [B, T], mask, RoPE (cos, sin) or None). Positions count real tokens only, so a left-padded
+        prompt sees the positions of an unpadded one; a pad query attends to itself (no mask row is empty). The
+        mask: None (causal), a bool [B, 1, T, start + T] (attention_mask), or for the packed row (layout) the rule
+        `visible` as one additive mask per example, for SDPA over its span alone (CPU), or as one FlexAttention
+        block mask over the row (CUDA, where a dense mask would turn SDPA's flash kernels off)."""
         B, T = input_ids.shape
         device = input_ids.device
         if layout is not None:
@@ -281,9 +271,10 @@ class GPT(nn.Module):
             rule = lambda b, h, q, k: visible(segment_ids, branch_ids, b, q, k)  # noqa: E731
             if device.type == "cuda":
                 mask = create_block_mask(rule, B, None, T, T, device=device)
-            else:  # one mask [L, L] per example, in order: the one row holds them side by side
+            else:  # one additive mask [L, L] per example, in order (SDPA would keep a float copy of a bool one)
                 sizes = torch.unique_consecutive(segment_ids[0], return_counts=True)[1].tolist()
-                mask = [rule(0, None, span[:, None], span) for span in torch.arange(T, device=device).split(sizes)]
+                mask = [torch.zeros(len(s), len(s), dtype=self.wte.weight.dtype, device=device).masked_fill_(
+                    ~rule(0, None, s[:, None], s), float("-inf")) for s in torch.arange(T, device=device).split(sizes)]
         elif attention_mask is None:  # causal, no cache (generate passes a mask)
             pos, mask = torch.arange(T, device=device).expand(B, T), None
         else:
@@ -302,14 +293,9 @@ class GPT(nn.Module):
         return pos, mask, (angles.cos().to(dtype), angles.sin().to(dtype))
 
 class RewardModel(nn.Module):
-    """pi_w(x, y) -> R: the backbone with its LM head replaced by a linear layer to one output.
-
-    The score is read at each answer's last token in data.collate's packed rows (the last real token of x ++ y,
-    the EOS included). transformers' *ForSequenceClassification reads it at the last token that is not pad_token_id
-    instead; both agree unless the pad token is also the EOS token and the sequence ends with it, where
-    transformers skips the EOS and we do not: we score the full sequence the policy would generate.
-    """
-
+    """pi_w(x, y) -> R: the backbone with its LM head replaced by a linear layer to one output, read at each answer's
+    last token (the EOS included). transformers' *ForSequenceClassification reads the last token that is not
+    pad_token_id instead, so it skips an EOS that is also the pad token; we score the whole sequence."""
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg

@@ -56,36 +56,37 @@ def shard(model, world_size, device):
         fully_shard(group, mesh=mesh)
         group.set_gradient_divide_factor(1.0)
         group.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
-    if body.ln_f is not None and body.project_in is None:  # past ln_f, backward reads no root weight: free them
+    if isinstance(body.project_in, torch.nn.Identity):  # past ln_f, backward reads no root weight: free them
         body.ln_f.register_full_backward_hook(lambda *_: model.reshard())
     return model
 
 def memory_estimate(cfg, args, world_size=1, device=torch.device("cpu"), reward=False):
-    """Peak bytes per rank of training model.GPT (or RewardModel) with these settings, from its Config. Trained
-    parameters are fp32: weights 4, gradients 4, AdamW 8 bytes each (a frozen LoRA base 2 on CUDA, else 4); a tied
-    embedding gets a second V e gradient as backward adds the head's to the lookup's. FSDP (groups: the root, each
-    block): 1/world_size of each, plus the largest group's whole gradient and reduce-scatter input (8 bytes a
-    parameter; LoRA: the root's and a block's weights); --grad-accum > 1 keeps gradients whole. Activations, t <=
-    pairs (P + 2A) tokens a micro-batch (P + A for SFT) of s bytes (2 under bf16): a block saves t s ((4+2r) d + 4-2r
-    + (2+r)(q+kv) + (2+2r-[relu]) f + H + T) (r = 1: RoPE, RMSNorm, SwiGLU; T = P + 2A, the CPU mask's row), or if
-    checkpointed its input t d s, one block recomputed at a time; the fused LM head min(N, 256) V fp32 logits."""
-    d, q, kv, r = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.rope
+    """Peak bytes per rank of training model.GPT (or RewardModel) with these settings, from its Config.
+    Parameters: fp32 weights 4, gradients 4 and AdamW 8 bytes each (a frozen LoRA base 2 on CUDA, else 4); a tied
+    embedding gets a second [V, e] gradient (backward adds the head's to the lookup's). FSDP over the groups root and
+    blocks: 1/world_size of each, plus the largest group's whole gradient and reduce-scatter input (8 bytes a
+    parameter; LoRA: the root's and a block's weights); --grad-accum > 1 keeps gradients whole.
+    Activations of the t = pairs (P + 2A) tokens of a micro-batch (P + A for SFT), s bytes each (2 under bf16): per
+    token a block saves its norms' inputs, statistics and outputs 4d + 4 - 2r (r = 1: RMSNorm, RoPE, SwiGLU), for
+    attention q, k, v, the output, its copy for o and the logsumexp 3q + 2kv + H, and the MLP's (2 + r - [relu]) f;
+    checkpointed, a block keeps only its input d, and one block is recomputed at a time. The fused LM head holds
+    min(N, 256) V fp32 logits."""
+    d, q, kv, f, r = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.d_ff, cfg.rope
     e, norm = cfg.proj_dim or d, d * (2 - r)  # LayerNorm: + bias
-    linears = {"qkv": (d, q + 2 * kv, cfg.qkv_bias), "o": (q, d, cfg.o_bias), "gate": (d, cfg.d_ff * r, cfg.mlp_bias),
-               "up": (d, cfg.d_ff, cfg.mlp_bias), "down": (cfg.d_ff, d, cfg.mlp_bias)}  # gate: SwiGLU families only
+    linears = {"qkv": (d, q + 2 * kv, cfg.qkv_bias), "o": (q, d, cfg.o_bias), "gate": (d, f * r, cfg.mlp_bias),
+               "up": (d, f, cfg.mlp_bias), "down": (f, d, cfg.mlp_bias)}  # gate: SwiGLU families only
     block = sum(i * o + o * bias for i, o, bias in linears.values()) + 2 * norm
     root = cfg.vocab_size * e + norm * cfg.final_norm + 2 * e * d * bool(cfg.proj_dim)
     root += (0 if r else (cfg.max_pos + 2 * (cfg.model_type == "opt")) * d) + (e if reward else 0)
     root += cfg.vocab_size * e * (not cfg.tie_word_embeddings and not reward)  # an untied LM head
     total, base = root + cfg.n_layer * block, 2 if args.lora_rank and device.type == "cuda" else 4
     trained = cfg.n_layer * sum(args.lora_rank * (i + o) for m, (i, o, _) in linears.items()
-                                  if m in args.lora_modules.split(",") and o) if args.lora_rank else total
+                                if m in args.lora_modules.split(",") and o) if args.lora_rank else total
     pairs = math.ceil(math.ceil(args.batch_size / world_size) / args.grad_accum)  # train's micro-batch
     length = args.max_prompt_len + (1 if args.objective == "sft" else 2) * args.max_answer_len
-    saved = ((4 + 2 * r) * d + 4 - 2 * r + (2 + r) * (q + kv) + (2 + 2 * r - (cfg.act == "relu")) * cfg.d_ff
-             + cfg.n_head + length * (device.type == "cpu"))  # a block's, per token
-    act = 2 if device.type == "cuda" and (args.bf16 or args.lora_rank) else 4  # bytes: bf16 autocast, else fp32
-    kept = act * (d * cfg.n_layer + saved if args.grad_checkpointing else saved * cfg.n_layer)  # per token
+    saved = 4 * d + 4 - 2 * r + 3 * q + 2 * kv + cfg.n_head + (2 + r - (cfg.act == "relu")) * f  # a block, a token
+    size = 2 if device.type == "cuda" and (args.bf16 or args.lora_rank) else 4  # bf16 autocast, else fp32
+    kept = size * (d * cfg.n_layer + saved if args.grad_checkpointing else saved * cfg.n_layer)  # per token
     head = 0 if reward else min(pairs * (length - args.max_prompt_len), cwpo.DEFAULT_CHUNK_SIZE) * cfg.vocab_size * 4
     tied = 4 * cfg.vocab_size * e * (cfg.tie_word_embeddings and not args.lora_rank and not reward)
     est = {"weights": (total * base + trained * 4 if args.lora_rank else total * 4) / world_size,
@@ -363,8 +364,7 @@ def main(args):
         print(memory_line(model.config, args, world_size, device))
     if args.objective == "preference":
         micro_size = max(1, args.batch_size // (world_size * args.grad_accum))  # what fits for training fits here
-        ld_alpha = args.loss_options.get("ld_alpha")
-        add_reference_logps(model, examples, micro_size, device, ld_alpha, args.bf16)
+        add_reference_logps(model, examples, micro_size, device, args.loss_options.get("ld_alpha"), args.bf16)
     model = train(model, examples, args, OBJECTIVES[args.objective], rank, world_size, device)
     model = merge_lora(model)  # on every rank: a sharded model's adapters merge shard by shard
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0

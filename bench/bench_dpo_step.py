@@ -66,7 +66,8 @@ Per variant:
               answers, attention over the visible (query, key) pairs, the head on the completion positions, no
               reference), so its ratio is the speed ratio. The useful FLOPs at the matmul rate give the shortest step
               this machine allows, printed with the largest speed-up over TRL's best it would mean.
-Peak RSS with MALLOC_MMAP_MAX_=0 follows the heap's high-water mark, fragmentation included: it moves by
+Peak RSS with MALLOC_MMAP_MAX_=0 follows the heap's high-water mark, fragmentation included (--live-memory measures
+the live peak instead, in a separate run): it moves by
 ~0.1-0.3 GB between runs of the same code at V = 151,936; compare ratios, and rerun before trusting a small change.
 """
 
@@ -104,7 +105,9 @@ def child_env(args):
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
     }
-    if args.malloc_tuning:
+    if args.live_memory:  # blocks over 1 MiB go back to the kernel when freed: peak RSS is the live peak, not the
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)  # heap's high-water mark (times then include page faults)
+    elif args.malloc_tuning:
         env["MALLOC_MMAP_MAX_"] = "0"  # glibc: no mmap for large blocks, so no map/unmap + page faults every step
         env["MALLOC_TRIM_THRESHOLD_"] = str(64 * 2**30)  # never give the heap top back to the kernel
     return env
@@ -598,6 +601,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads and OMP/MKL_NUM_THREADS of the children")
     p.add_argument("--omp-wait-policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE"))
+    p.add_argument("--live-memory", action="store_true",
+                   help="MALLOC_MMAP_THRESHOLD_=1 MiB instead of the tuning: peak RSS of live memory, slower steps")
     p.add_argument("--malloc-tuning", action=argparse.BooleanOptionalAction, default=True,
                    help="MALLOC_MMAP_MAX_=0 and a large MALLOC_TRIM_THRESHOLD_ in the children")
     p.add_argument("--device", default="cpu")

@@ -219,7 +219,7 @@ def test_every_loss_and_gradient_matches_two_row_layout_fp32(family):
     the two-row layout's log-probs fed to preference_loss."""
     model, pairs = tiny_gpt(family, seed=1, dtype=torch.float32), make_pairs(seed=1)
     B = len(pairs)
-    batch = data.collate(pairs, weights=torch.linspace(0.2, 1.0, B))
+    batch = data.collate([dict(p, weight=w) for p, w in zip(pairs, torch.linspace(0.2, 1.0, B).tolist())])
     ref_chosen, ref_rejected = -20 * torch.rand(B), -20 * torch.rand(B)
     for name in cwpo.LOSS_TYPES:
         weights = torch.ones(B) if name.startswith("aot") else batch["weight"]
@@ -362,7 +362,7 @@ def test_every_loss_type_runs_and_unknown_names_are_clear_errors():
 
 def test_batch_loss_weights_and_errors():
     lm, pairs = tiny_gpt("llama", seed=2, dtype=torch.float32), make_pairs(seed=2, cases=[(3, 4, 1), (2, 5, 2)])
-    batch = data.collate(pairs, weights=[0.3, 0.9])
+    batch = data.collate([dict(p, weight=w) for p, w in zip(pairs, [0.3, 0.9])])
     ref_chosen, ref_rejected = torch.tensor([-9.0, -12.0]), torch.tensor([-6.0, -3.0])
     loss, metrics = cwpo.batch_loss(lm, batch, ref_chosen, ref_rejected, beta=0.5)
     with torch.no_grad():

@@ -153,7 +153,9 @@ def our_batch(batch, weight=None):
     assert all(parts[i][0] == parts[n_pairs + i][0] for i in range(n_pairs))  # a pair's two rows share the prompt
     pairs = [{"prompt_ids": parts[i][0], "chosen_ids": parts[i][1], "rejected_ids": parts[n_pairs + i][1]}
              for i in range(n_pairs)]
-    return data.collate(pairs, weights=torch.ones(n_pairs) if weight is None else weight)
+    batch = data.collate(pairs)
+    batch["weight"] = torch.ones(n_pairs) if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+    return batch
 
 
 def reward_batch(batch):

@@ -263,12 +263,8 @@ def test_collate_layout_prompt_once_answers_after_it(tok):
         for b, answer in ((1, chosen), (2, rejected)):
             assert part(b)[-1] == tok.eos_id and tok.decode(part(b)[:-1], skip_special_tokens=False) == answer
             assert batch["score_target"][batch["score_answer"] == (b - 1) * B + i].tolist() == part(b)
-    weighted = data.collate(examples, weights=[0.5, 0.0, 1.0])
+    weighted = data.collate([dict(ex, weight=w) for ex, w in zip(examples, [0.5, 0.0, 1.0])])
     assert torch.equal(weighted["weight"], torch.tensor([0.5, 0.0, 1.0]))
-    assert torch.equal(data.collate([dict(ex, weight=0.25) for ex in examples])["weight"],
-                       torch.full((B,), 0.25))
-    with pytest.raises(ValueError, match="weights"):
-        data.collate(examples, weights=[1.0])
     singles = data.collate([data.encode_prompt_answer(tok, p, c, 64, 64) for p, c, _ in pairs])
     for i, (prompt, chosen, _) in enumerate(pairs):  # single sequences: one answer each, answer i
         assert tok.decode(singles["score_target"][singles["score_answer"] == i].tolist()[:-1]) == chosen

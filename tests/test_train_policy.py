@@ -476,7 +476,7 @@ def test_memory_estimate_activations_are_what_autograd_saves(hf):
     pairs, prompt, answer = 3, 7, 5
     examples = [{"prompt_ids": list(range(3, 3 + prompt)), "chosen_ids": [4] * answer, "rejected_ids": [5] * answer}
                 for _ in range(pairs)]
-    batch = data.collate(examples, pad_id=0)
+    batch = data.collate(examples)
     flags = ("--no-grad-checkpointing", "--batch-size", str(pairs), "--max-prompt-len", str(prompt),
              "--max-answer-len", str(answer))
     found = {}
