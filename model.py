@@ -273,8 +273,8 @@ class GPT(nn.Module):
                 mask = create_block_mask(rule, B, None, T, T, device=device)
             else:  # one additive mask [L, L] per example, in order (SDPA would keep a float copy of a bool one)
                 sizes = torch.unique_consecutive(segment_ids[0], return_counts=True)[1].tolist()
-                mask = [torch.zeros(len(s), len(s), dtype=self.wte.weight.dtype, device=device).masked_fill_(
-                    ~rule(0, None, s[:, None], s), float("-inf")) for s in torch.arange(T, device=device).split(sizes)]
+                mask = [torch.where(rule(0, None, s[:, None], s), 0.0, float("-inf")).to(self.wte.weight.dtype)
+                        for s in torch.arange(T, device=device).split(sizes)]
         elif attention_mask is None:  # causal, no cache (generate passes a mask)
             pos, mask = torch.arange(T, device=device).expand(B, T), None
         else:
