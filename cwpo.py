@@ -98,10 +98,7 @@ def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="si
     n_chosen, n_rejected = out["n_tokens"].chunk(2)
     losses = 0.0
     for name, loss_weight in zip(names, loss_weights):
-        pair_chosen = chosen
-        if name == "sft" and ld_alpha is not None:  # TRL's "sft" is the plain NLL, even when ld_alpha is set
-            summed = out["token_logps"].new_zeros(2 * len(chosen)).index_add(0, out["answer"], out["token_logps"])
-            pair_chosen = summed[:len(chosen)]
+        pair_chosen = out["summed_logps"][:len(chosen)] if name == "sft" else chosen  # TRL: plain NLL, no LD
         losses = losses + loss_weight * preference_loss(
             name, pair_chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta,
             chosen_n_tokens=n_chosen, rejected_n_tokens=n_rejected, **options)
@@ -323,11 +320,12 @@ def ld_weighted_logps(token_logps, answer, n_tokens, ld_alpha):
     return token_logps.new_zeros(len(n_tokens)).index_add(0, answer, weighted)
 
 def sequence_logps(model, batch, chunk_size=DEFAULT_CHUNK_SIZE, ld_alpha=None, wpo=False):
-    """Summed log-probs of each answer's tokens, with one forward of `model` over the packed rows of a batch of
+    """Summed log-probs of each answer's tokens, with one forward of `model` over the packed row of a batch of
     data.collate. Only the hidden states that predict an answer token (batch["score_index"]) are projected
     through the LM head (with the fused kernel): prompt positions need no logits. Returns a dict:
       "logps"       [A] fp32  sum_t log p(y_t | x, y_<t) over each answer's tokens (A = 2B for pairs; LD-weighted
                               when ld_alpha is given; compute the reference with the same ld_alpha)
+      "summed_logps" [A]      the plain sum, also with ld_alpha
       "token_logps" [N]       per scored token, "answer" [N] its answer (batch["score_answer"])
       "n_tokens"    [A]       answer tokens scored (a first answer token after an empty prompt is not)
       "wpo_weights" [A]       only with wpo=True: exp(mean_t (log p(y_t) - log sum_v p_v^2)), no gradient (WPO Eq. 2)
@@ -338,14 +336,13 @@ def sequence_logps(model, batch, chunk_size=DEFAULT_CHUNK_SIZE, ld_alpha=None, w
     flat = token_logps(hidden, lm_head.weight, batch["score_target"], lm_head.bias, chunk_size)
     answer, n_answers = batch["score_answer"], len(batch["last_index"])
     n_tokens = torch.bincount(answer, minlength=n_answers)
-    out = {"token_logps": flat, "answer": answer, "n_tokens": n_tokens,
-           "logps": flat.new_zeros(n_answers).index_add(0, answer, flat)}
-    if ld_alpha is not None:
-        out["logps"] = ld_weighted_logps(flat, answer, n_tokens, ld_alpha)
+    summed = flat.new_zeros(n_answers).index_add(0, answer, flat)
+    out = {"token_logps": flat, "answer": answer, "n_tokens": n_tokens, "summed_logps": summed,
+           "logps": summed if ld_alpha is None else ld_weighted_logps(flat, answer, n_tokens, ld_alpha)}
     if wpo:
         sq = token_log_sum_sq_probs(hidden.detach(), lm_head.weight.detach(), lm_head.bias, chunk_size)
-        summed = flat.new_zeros(n_answers).index_add(0, answer, flat.detach() - sq)
-        out["wpo_weights"] = torch.exp(summed / n_tokens.clamp(min=1))
+        log_ratio = flat.new_zeros(n_answers).index_add(0, answer, flat.detach() - sq)
+        out["wpo_weights"] = torch.exp(log_ratio / n_tokens.clamp(min=1))
     return out
 
 # ----------------------------------------------------------- Fused LM head + log-softmax + gather, chunked over tokens
