@@ -380,9 +380,9 @@ def main(args):
         sys.stderr.flush()
         os._exit(0)
 
-def positive_int(text):
-    if not text.lstrip("-").isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+def positive_int(text, least=1):  # least 0: a count where 0 means none (--warmup-steps, --save-every)
+    if not text.lstrip("-").isdigit() or int(text) < least:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
     return int(text)
 
 def positive_float(text):  # a learning rate or a gradient-norm limit of 0 trains nothing, a negative one backwards
@@ -405,17 +405,18 @@ def check_loss(args):
 
 def add_training_args(p):
     """Flags shared with train_weak.py: data, model, optimization, logging."""
+    count = lambda text: positive_int(text, 0)  # noqa: E731
     p.add_argument("--model", required=True, help="starting checkpoint folder (a policy's is also its reference)")
     p.add_argument("--data", required=True, help="pairs file (.jsonl[.gz] / .parquet): HH-RLHF, TL;DR, UltraFeedback")
     p.add_argument("--format", default="auto", help="data format for data.load_pairs (hh, tldr, ufb, pairs)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--epochs", type=positive_int, default=1)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    p.add_argument("--max-steps", type=count, default=0, help="stop after this many optimizer steps (0: epochs decide)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="pairs (or sequences) per step, all ranks")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step on each rank")
     p.add_argument("--lr", type=positive_float, default=1e-6)
-    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--warmup-steps", type=count, default=10)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=positive_float, default=10.0)
     p.add_argument("--max-prompt-len", type=positive_int, default=256)
@@ -427,7 +428,7 @@ def add_training_args(p):
                    help="recompute activations in backward: less memory, about 30 %% more compute (TRL's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=positive_int, default=10)
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
+    p.add_argument("--save-every", type=count, default=0, help="checkpoint every N steps (0: only the final model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-STEP")
     p.add_argument("--overwrite", action="store_true", help="remove an earlier run's outputs from OUT first")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: full fine-tuning)")

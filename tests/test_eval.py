@@ -128,9 +128,9 @@ def test_bad_flags_are_one_line_before_any_work(tiny_world, tmp_path, capsys):
         (gra[:2] + gra[4:], "--policy, --sft, --judge and --prompts go together; given only --policy, --prompts"),
         (gra[:2], "given only --policy"),  # AttributeError: a None path
         (["--judge", str(tmp_path / "judge")], "given only --judge"),  # ran the 8-minute experiment instead
-        (["--eval-prompts", "0"], "argument --eval-prompts: must be a positive integer"),  # a table of NaN
-        (["--seeds", "0"], "argument --seeds: must be a positive integer"),  # "min() arg is an empty sequence"
-        (["--samples", "0"], "argument --samples: must be a positive integer"),  # "cannot reshape"
+        (["--eval-prompts", "0"], "argument --eval-prompts: must be an integer >= 1"),  # a table of NaN
+        (["--seeds", "0"], "argument --seeds: must be an integer >= 1"),  # "min() arg is an empty sequence"
+        (["--samples", "0"], "argument --samples: must be an integer >= 1"),  # "cannot reshape"
         (["--beta", "-1"], "argument --beta: must be a positive number"),
         (["--lr", "0"], "argument --lr: must be a positive number"),
         (["--out", str(out), "--labeled-fraction", "0"], "--labeled-fraction 0.0 of --pairs 2000 leaves no labeled"),

@@ -176,8 +176,10 @@ def test_bad_sizes_files_and_options_are_one_clear_line(tiny_world, tmp_path, ca
     zero = tmp_path / "zero.jsonl"
     zero.write_text("".join(json.dumps(dict(json.loads(line), confidence=0.0)) + "\n" for line in open(tiny_world["pairs"])))
     cases = [  # (flags, what the line must say); each bug: a traceback, or a wrong or empty message
-        (["--batch-size", "0"], "must be a positive integer, got '0'"),      # ZeroDivisionError
-        (["--batch-size", "-2"], "must be a positive integer, got '-2'"),    # trained nothing, exit 0
+        (["--batch-size", "0"], "must be an integer >= 1, got '0'"),      # ZeroDivisionError
+        (["--batch-size", "-2"], "must be an integer >= 1, got '-2'"),    # trained nothing, exit 0
+        (["--save-every", "-1"], "argument --save-every: must be an integer >= 0, got '-1'"),  # saved every step
+        (["--warmup-steps", "-3"], "argument --warmup-steps: must be an integer >= 0"),  # silently a lower lr
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),      # printed only "error: 2"
         (["--data", str(tmp_path)], str(tmp_path)),                           # IsADirectoryError
         (["--loss-options", '{"beta": 0.5}'], "multiple values for argument 'beta'"),
