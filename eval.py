@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import data
-import train_policy
+import runs
 import world
 from cwpo import win_rate
 from model import check_fits, config_from_hf, generate_answers, load_model, load_tokenizer, read_json
@@ -62,12 +62,12 @@ def parse_args(argv=None):
     """The flags, checked before any work: an explicit flag wins over --quick, and --policy needs its three partners."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     world.add_args(p)  # the built-in experiment's flags
-    p.add_argument("--eval-prompts", type=train_policy.positive_int, default=300, help="prompts (--quick: 100)")
+    p.add_argument("--eval-prompts", type=runs.positive_int, default=300, help="prompts (--quick: 100)")
     p.add_argument("--policy", help="GRA of this checkpoint against --sft, judged by --judge, on --prompts")
     p.add_argument("--sft")
     p.add_argument("--prompts", help="a pairs file whose prompts are evaluated")
     p.add_argument("--judge", help="gold reward checkpoint folder (with its trained score.weight)")
-    p.add_argument("--max-new-tokens", type=train_policy.positive_int, default=128)
+    p.add_argument("--max-new-tokens", type=runs.positive_int, default=128)
     args = p.parse_args(argv, argparse.Namespace(**world.QUICK) if p.parse_known_args(argv)[0].quick else None)
     given = [f"--{name}" for name in ("policy", "sft", "judge", "prompts") if getattr(args, name)]
     if given and len(given) < 4:
@@ -75,4 +75,4 @@ def parse_args(argv=None):
     return args
 
 if __name__ == "__main__":
-    train_policy.run_script(main, parse_args())
+    runs.run_script(main, parse_args())

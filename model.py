@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import pathlib
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from runs import atomic_write
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -497,22 +498,6 @@ def save_model(model, path, whole=None):
         os.remove(os.path.join(path, "config.json"))
     atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(os.path.join(path, "config.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf, indent=2)))
-
-def atomic_write(path, write):
-    """write(tmp_path) into a temporary file beside `path`, then rename it over `path`: never half a file.
-    The file gets the mode a plain open() would give it (the umask's), not mkstemp's private 0600."""
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 def load_tokenizer(path):
     """A tokenizers.Tokenizer from tokenizer.json, or from vocab.json + merges.txt (GPT-2/OPT folders), with the

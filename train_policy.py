@@ -12,95 +12,23 @@ import argparse
 import json
 import math
 import os
-import pathlib
-import pickle
 import shutil
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 import cwpo
 import data
-from model import LORA_MODULES, apply_lora, atomic_write, check_fits, load_model, load_tokenizer, merge_lora, save_model
+import runs
+from model import LORA_MODULES, apply_lora, check_fits, load_model, load_tokenizer, merge_lora, save_model
+from runs import positive_float, positive_int
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "log.jsonl") + TOKENIZER_FILES
-UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "max_steps", "epochs")  # resume may change
-
-def distributed():
-    """(rank, world size, device): torchrun's environment when present, else one process."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-def shard(model, world_size, device):
-    """FSDP2 over the ranks: each block is one group, the root (embeddings, final norm, heads) another; parameters,
-    gradients and AdamW state live 1/world_size on each rank. Gradients are summed over the ranks, not averaged:
-    each rank's loss is already its share of the global batch's. One process keeps the model as it is."""
-    if world_size == 1:
-        return model
-    from torch.distributed.fsdp import fully_shard
-    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (world_size,))
-    body = getattr(model, "body", model)  # a RewardModel's decoder is .body
-    for group in [*body.h, model]:
-        fully_shard(group, mesh=mesh)
-        group.set_gradient_divide_factor(1.0)
-        group.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
-    if isinstance(body.project_in, torch.nn.Identity):  # past ln_f, backward reads no root weight: free them
-        body.ln_f.register_full_backward_hook(lambda *_: model.reshard())
-    return model
-
-def memory_estimate(cfg, args, world_size=1, device=torch.device("cpu"), reward=False):
-    """Peak bytes per rank of training model.GPT (or RewardModel) with these settings, from its Config.
-    Parameters: fp32 weights 4, gradients 4 and AdamW 8 bytes each (a frozen LoRA base 2 on CUDA, else 4); a tied
-    embedding gets a second [V, e] gradient (backward adds the head's to the lookup's). FSDP over the groups root and
-    blocks: 1/world_size of each, plus the largest group's whole gradient and reduce-scatter input (8 bytes a
-    parameter; LoRA: the root's and a block's weights); --grad-accum > 1 keeps gradients whole.
-    Activations of the t = pairs (P + 2A) tokens of a micro-batch (P + A for SFT), s bytes each (2 under bf16): per
-    token a block saves its norms' inputs, statistics and outputs 4d + 4 - 2r (r = 1: RMSNorm, RoPE, SwiGLU), for
-    attention q, k, v, the output, its copy for o and the logsumexp 3q + 2kv + H, and the MLP's (2 + r - [relu]) f;
-    checkpointed, a block keeps only its input d, and one block is recomputed at a time. The fused LM head holds
-    min(N, 256) V fp32 logits."""
-    d, q, kv, f, r = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.d_ff, cfg.rope
-    e, norm = cfg.proj_dim or d, d * (2 - r)  # LayerNorm: + bias
-    linears = {"qkv": (d, q + 2 * kv, cfg.qkv_bias), "o": (q, d, cfg.o_bias), "gate": (d, f * r, cfg.mlp_bias),
-               "up": (d, f, cfg.mlp_bias), "down": (f, d, cfg.mlp_bias)}  # gate: SwiGLU families only
-    block = sum(i * o + o * bias for i, o, bias in linears.values()) + 2 * norm
-    root = cfg.vocab_size * e + norm * cfg.final_norm + 2 * e * d * bool(cfg.proj_dim)
-    root += (0 if r else (cfg.max_pos + 2 * (cfg.model_type == "opt")) * d) + (e if reward else 0)
-    root += cfg.vocab_size * e * (not cfg.tie_word_embeddings and not reward)  # an untied LM head
-    total, base = root + cfg.n_layer * block, 2 if args.lora_rank and device.type == "cuda" else 4
-    trained = cfg.n_layer * sum(args.lora_rank * (i + o) for m, (i, o, _) in linears.items()
-                                if m in args.lora_modules.split(",") and o) if args.lora_rank else total
-    pairs = math.ceil(math.ceil(args.batch_size / world_size) / args.grad_accum)  # train's micro-batch
-    length = args.max_prompt_len + (1 if args.objective == "sft" else 2) * args.max_answer_len
-    saved = 4 * d + 4 - 2 * r + 3 * q + 2 * kv + cfg.n_head + (2 + r - (cfg.act == "relu")) * f  # a block, a token
-    size = 2 if device.type == "cuda" and (args.bf16 or args.lora_rank) else 4  # bf16 autocast, else fp32
-    kept = size * (d * cfg.n_layer + saved if args.grad_checkpointing else saved * cfg.n_layer)  # per token
-    head = 0 if reward else min(pairs * (length - args.max_prompt_len), cwpo.DEFAULT_CHUNK_SIZE) * cfg.vocab_size * 4
-    tied = 4 * cfg.vocab_size * e * (cfg.tie_word_embeddings and not args.lora_rank and not reward)
-    est = {"weights": (total * base + trained * 4 if args.lora_rank else total * 4) / world_size,
-           "gradients": 4 * trained / (1 if args.grad_accum > 1 else world_size), "optimizer": 8 * trained / world_size,
-           "gathered": ((root + block) * base if args.lora_rank else 8 * max(root, block)) if world_size > 1 else tied,
-           "activations": pairs * length * kept + head}
-    return dict(est, total=sum(est.values()), parameters=total, trainable=trained)
-
-def memory_line(cfg, args, world_size, device, reward=False):
-    """The estimate for these settings, as the line each script prints at start."""
-    est = memory_estimate(cfg, args, world_size, device, reward)
-    return (f"memory per rank ({est['parameters'] / 1e6:.2f}M parameters, {est['trainable'] / 1e6:.2f}M trained, "
-            f"{world_size} rank(s)): " + " + ".join(f"{k} {est[k] / 2**30:.2f}" for k in list(est)[:5]) +
-            f" = {est['total'] / 2**30:.2f} GiB")
 
 def pair_weights(pairs, weighting, top_fraction):
     """-> (pairs, weights): CW-PO's confidence, all ones, or the top-N % most confident pairs with weight 1."""
@@ -151,94 +79,6 @@ def preference_objective(model, batch, micro, args):
 
 OBJECTIVES = {"sft": sft_objective, "preference": preference_objective}  # train_weak.py has "bt"
 
-def checkpoints(out):
-    """Complete checkpoint folders OUT/checkpoint-STEP, oldest first."""
-    names = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()]
-    return [os.path.join(out, n) for n in sorted(names, key=lambda n: int(n.split("-", 1)[1]))]
-
-def settings(args):
-    """What decides a run's result (model, data, every training flag): stored in its checkpoints, compared on resume."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in UNCOMPARED}
-
-def trainable_state(model):
-    """{name: tensor} of the parameters that train: all of them, or LoRA's adapters (and an annotator's head)."""
-    return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-
-def save_checkpoint(model, optimizer, step, args, rank):
-    """The parameters that train (all, or LoRA's adapters) and their AdamW state, gathered whole to rank 0 and
-    written into a temporary folder that one rename makes OUT/checkpoint-STEP: a kill at any moment leaves the
-    previous checkpoint whole. Older ones are removed."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    trained = trainable_state(model)  # get_model_state_dict keeps a head tied to a frozen embedding
-    params = {k: v for k, v in get_model_state_dict(model, options=options).items() if k in trained}
-    optim = get_optimizer_state_dict(model, optimizer, options=options)
-    if rank != 0:  # every rank took part in gathering
-        return
-    tmp = os.path.join(args.out, f"checkpoint-{step}.tmp")  # tidy() removed any left by a kill
-    os.makedirs(tmp)
-    state = {"model": params, "optimizer": optim, "step": step, "settings": settings(args)}
-    torch.save(state, os.path.join(tmp, "train_state.pt"))
-    os.replace(tmp, os.path.join(args.out, f"checkpoint-{step}"))
-    for old in checkpoints(args.out)[:-1]:
-        shutil.rmtree(old)
-
-def resume(model, optimizer, args, log):
-    """Load the newest complete checkpoint into model and optimizer -> its step (0 when there is none). Refused when
-    it was made with other settings or for parameters of other names or shapes."""
-    found = checkpoints(args.out)
-    if not found:
-        return 0
-    file = os.path.join(found[-1], "train_state.pt")
-    try:  # weights_only: plain tensors and containers, never code that a crafted file would run
-        state = torch.load(file, weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{file}: not a plain training state ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{file}: unreadable, truncated? ({str(e).splitlines()[0]})") from None
-    saved, now = state.get("settings", {}), settings(args)
-    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {now.get(k)!r} now"
-              for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if differ:
-        raise ValueError(f"{found[-1]} was made with other settings: {'; '.join(differ)} (use another --out)")
-    shapes = {name: tuple(p.shape) for name, p in trainable_state(model).items()}
-    for name in sorted(set(shapes) | set(state["model"])):
-        there = tuple(state["model"][name].shape) if name in state["model"] else None
-        if there != shapes.get(name):
-            raise ValueError(f"{file}: tensor {name} has shape {there}, the model {args.model} {shapes.get(name)}")
-    options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen base is not in a checkpoint
-    set_model_state_dict(model, state["model"], options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-    log(f"resumed from {found[-1]} at step {state['step']}")
-    return state["step"]
-
-def tidy(out, step):
-    """Remove what a killed save left (*.tmp) and keep log.jsonl's records up to `step` (none for a fresh run): a step
-    run again after a kill is logged once; a last line without its newline is half a record that a kill left."""
-    for leftover in (n for n in os.listdir(out) if n.endswith(".tmp")):
-        remove(os.path.join(out, leftover))
-    path = os.path.join(out, "log.jsonl")
-    lines = open(path).read().splitlines(keepends=True) if os.path.exists(path) and step else []
-    try:
-        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-    except (json.JSONDecodeError, TypeError, KeyError):
-        raise ValueError(f"{path}: not a log of train_policy.py (a line is not a record with a step)") from None
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
-
-def claim(out, outputs, args):
-    """A run owns its folder: without --resume, an earlier run's checkpoints or outputs in OUT stop the run, or
-    are removed first with --overwrite, so that no file of two runs ends up side by side."""
-    if args.resume or not os.path.isdir(out):
-        return
-    found = sorted(n for n in os.listdir(out) if n in outputs or n.startswith("checkpoint-"))
-    if found and not args.overwrite:
-        raise ValueError(f"--out {out} holds an earlier run's {', '.join(found[:3])}: pass --resume to continue it, "
-                         "--overwrite to replace it, or another --out")
-    for name in found:
-        remove(os.path.join(out, name))
-
-def remove(path):
-    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
 def train(model, examples, args, objective, rank=0, world_size=1, device=torch.device("cpu"), log=print):
     """Train `model` in place on encoded examples with `objective` (sft_objective, preference_objective, or
     train_weak.bt_objective), one optimizer step per global batch of args.batch_size examples."""
@@ -246,7 +86,7 @@ def train(model, examples, args, objective, rank=0, world_size=1, device=torch.d
         raise ValueError("no training examples")
     os.makedirs(args.out, exist_ok=True)
     getattr(model, "body", model).grad_checkpointing = args.grad_checkpointing  # a RewardModel's decoder is .body
-    model = shard(model, world_size, device)
+    model = runs.shard(model, world_size, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters, no per-tensor temporaries (about 5x faster than foreach on CPU)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True)
@@ -254,9 +94,9 @@ def train(model, examples, args, objective, rank=0, world_size=1, device=torch.d
     total = args.max_steps or steps_per_epoch * args.epochs
     if total < 1:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
-    step = resume(model, optimizer, args, log) if args.resume else 0
+    step = runs.resume(model, optimizer, args, log) if args.resume else 0
     if rank == 0:
-        tidy(args.out, step)
+        runs.tidy(args.out, step)
     t0, seen_tokens, first = time.time(), 0, step
     model.train()
     while step < total:
@@ -313,7 +153,7 @@ def train(model, examples, args, objective, rank=0, world_size=1, device=torch.d
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(model, optimizer, step, args, rank)
+            runs.save_checkpoint(model, optimizer, step, args, rank)
     return model
 
 def encode_pairs(tok, pairs, args):
@@ -349,7 +189,7 @@ def load_trainable(args, tok, device, reward=False):
     return apply_lora(model, args.lora_rank, args.lora_alpha, modules) if args.lora_rank else model
 
 def main(args):
-    rank, world_size, device = distributed()
+    rank, world_size, device = runs.distributed()
     torch.manual_seed(args.seed)
     if args.objective == "preference":
         check_loss(args)
@@ -359,9 +199,9 @@ def main(args):
     model = load_trainable(args, tok, device)
     examples = encode_examples(tok, data.load_pairs(args.data, args.format, skip_bad=args.skip_bad), args)
     if rank == 0:
-        claim(args.out, OUTPUTS, args)
+        runs.claim(args.out, OUTPUTS, args)
         print(f"{len(examples)} examples from {args.data}; model {args.model} on {device}")
-        print(memory_line(model.config, args, world_size, device))
+        print(runs.memory_line(model.config, args, world_size, device))
     if args.objective == "preference":
         micro_size = max(1, args.batch_size // (world_size * args.grad_accum))  # what fits for training fits here
         add_reference_logps(model, examples, micro_size, device, args.loss_options.get("ld_alpha"), args.bf16)
@@ -379,16 +219,6 @@ def main(args):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-def positive_int(text, least=1):  # least 0: a count where 0 means none (--warmup-steps, --save-every)
-    if not text.lstrip("-").isdigit() or int(text) < least:
-        raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
-    return int(text)
-
-def positive_float(text):  # a learning rate or a gradient-norm limit of 0 trains nothing, a negative one backwards
-    if not 0 < float(text) < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return float(text)
 
 def check_loss(args):
     """Fail before any work where --loss and --loss-options would fail in training (an unknown name, a clash with a
@@ -451,18 +281,5 @@ def parser():
     p.add_argument("--top-fraction", type=float, default=0.3, help="--weighting top: the share of pairs kept")
     return p
 
-def run_script(main, args):
-    """main(args), with bad input (a missing or unreadable file, a malformed record, a bad value, a loss that
-    is no longer finite) reported as one line naming the file, line, key or step: no traceback."""
-    try:
-        main(args)
-    except OSError as e:  # str() names the path; e.args[0] would be the bare errno
-        raise SystemExit(f"error: {e}")
-    except (ValueError, KeyError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e.args[0] if e.args else e}")
-    except KeyboardInterrupt:  # one line, the shell's exit status for SIGINT
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130)
-
 if __name__ == "__main__":
-    run_script(main, parser().parse_args())
+    runs.run_script(main, parser().parse_args())

@@ -19,8 +19,10 @@ import torch
 
 import cwpo
 import data
+import runs
 import train_policy
-from model import atomic_write, load_tokenizer, merge_lora, save_model
+from model import load_tokenizer, merge_lora, save_model
+from runs import atomic_write
 
 OUTPUTS = ("model.safetensors", "config.json", "splits", "weak_labels.jsonl", "report.json", "log.jsonl")
 
@@ -89,12 +91,12 @@ def train_annotator(labeled, args, device, log=print):
     """A reward model from args.model, trained with BT on the labeled pairs; -> (model, tokenizer)."""
     tok = load_tokenizer(args.model)
     rm = train_policy.load_trainable(args, tok, device, reward=True)
-    log(train_policy.memory_line(rm.config, args, 1, device, reward=True))
+    log(runs.memory_line(rm.config, args, 1, device, reward=True))
     train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), args, bt_objective, device=device, log=log)
     return rm, tok
 
 def main(args):
-    _, _, device = train_policy.distributed()
+    _, _, device = runs.distributed()
     torch.manual_seed(args.seed)
     eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # a count, or a fraction of all pairs
     pairs = data.load_pairs(args.data, args.format, skip_bad=args.skip_bad)
@@ -109,7 +111,7 @@ def main(args):
     if args.unlabeled:
         to_label = [{"prompt": p["prompt"], "chosen": p["answer_a"], "rejected": p["answer_b"]}
                     for p in data.load_pairs(args.unlabeled, "unlabeled", skip_bad=args.skip_bad)]
-    train_policy.claim(args.out, OUTPUTS, args)
+    runs.claim(args.out, OUTPUTS, args)
     rm, tok = train_annotator(labeled, args, device)
     # without held-out pairs the report is on the unlabeled pairs' hidden human labels: one scoring pass serves both
     scores = score_pairs(rm, tok, heldout or unlabeled, args, device)
@@ -142,4 +144,4 @@ def parser():
     return p
 
 if __name__ == "__main__":
-    train_policy.run_script(main, parser().parse_args())
+    runs.run_script(main, parser().parse_args())

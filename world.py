@@ -22,10 +22,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import data
+import runs
 import train_policy
 import train_weak
 from cwpo import win_rate
-from model import GPT, atomic_write, config_from_hf, generate_answers, load_model, save_model
+from model import GPT, config_from_hf, generate_answers, load_model, save_model
+from runs import atomic_write
 from tools.figures import render_figures, results_markdown, write_figures
 
 # ----------------------------------------------------------------------------- the world
@@ -197,7 +199,7 @@ T_975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  
 
 def add_args(p):
     """The experiment's flags, on eval.py's parser (`python eval.py` runs the experiment)."""
-    positive_int, positive_float = train_policy.positive_int, train_policy.positive_float
+    positive_int, positive_float = runs.positive_int, runs.positive_float
     p.add_argument("--out", default="runs/experiment", help="built-in experiment: output folder")
     p.add_argument("--quick", action="store_true", help="built-in experiment, smaller (about 2 minutes)")
     p.add_argument("--sweep", action="store_true", help="CW-DPO against DPO at 10 / 20 / 30 %% labels")

@@ -1,5 +1,5 @@
 """Benchmark: peak memory of a few training steps at Qwen2.5-0.5B's shape, measured against
-train_policy.memory_estimate (issue 14), in three variants, each a fresh process (or two):
+runs.memory_estimate (issue 14), in three variants, each a fresh process (or two):
 
     python bench/bench_memory.py                 # full, LoRA r 16 on all modules, FSDP2 over 2 gloo processes
     python bench/bench_memory.py --repeats 2 --steps 3 --seq 32
@@ -15,7 +15,7 @@ Measured: the peak of RssAnon (/proc/self/status: anonymous resident memory, i.e
 mappings where tensors live; file-backed pages such as libraries and mapped files are left out), sampled every
 2 ms by a thread during train_policy.train (the optimizer's state is created there), minus RssAnon before the
 model was loaded (the Python and torch runtime). So it holds the weights, gradients, AdamW state, FSDP's
-gathered groups and the activations, as the estimate (train_policy.memory_estimate, from the same flags) does.
+gathered groups and the activations, as the estimate (runs.memory_estimate, from the same flags) does.
 Every variant runs with MALLOC_MMAP_THRESHOLD_=1048576: glibc then hands each freed block of 1 MiB or more back
 to the OS at once. With its default, freed blocks below 32 MiB stay in the heap and RssAnon counts them as if
 alive; FSDP gathers and frees block-sized tensors at every step, so an FSDP rank would carry about 0.7 GiB of
@@ -134,9 +134,10 @@ def measure(name, argv, ranks, folder, i):
 
 
 def table():
-    """What fits on 80 GB GPUs, from train_policy.memory_estimate: 4 pairs of 256 + 256 tokens a GPU a micro-batch
+    """What fits on 80 GB GPUs, from runs.memory_estimate: 4 pairs of 256 + 256 tokens a GPU a micro-batch
     (--batch-size 32, --grad-accum 8 on one GPU, 1 on eight), bf16 autocast, gradient checkpointing, bf16 LoRA base."""
     import torch
+    import runs
     import train_policy
     from model import config_from_hf
     rows = ["| student | parameters | full, 1 GPU | LoRA r 16 all modules, 1 GPU | FSDP2 full, 8 GPUs (per GPU) "
@@ -146,7 +147,7 @@ def table():
         cells = []
         for ranks, lora in ((1, []), (1, ["--lora-rank", "16"]), (8, []), (8, ["--lora-rank", "16"])):
             flags = ["--model", "m", "--data", "d", "--out", "o", "--batch-size", "32", "--grad-accum", str(8 // ranks)]
-            est = train_policy.memory_estimate(cfg, train_policy.parser().parse_args(flags + lora), ranks,
+            est = runs.memory_estimate(cfg, train_policy.parser().parse_args(flags + lora), ranks,
                                                torch.device("cuda"))
             cells.append(f"{est['total'] / 1e9:.1f} GB {'fits' if est['total'] <= 75e9 else 'no'}")
         rows.append(f"| {name} | {est['parameters'] / 1e9:.2f}B | " + " | ".join(cells) + " |")
@@ -157,6 +158,7 @@ def table():
 def main(args):
     if args.table:
         return table()
+    import runs
     import train_policy
     from model import config_from_hf
     has_lora = "--lora-rank" in train_policy.parser().format_help()
@@ -172,7 +174,7 @@ def main(args):
             for name, (argv, ranks) in found.items():
                 measured.setdefault(name, []).append(measure(name, argv, ranks, folder, i))
                 print(f"  repeat {i + 1} {name}: {measured[name][-1] / GIB:.2f} GiB", flush=True)
-        estimates = {name: train_policy.memory_estimate(cfg, train_policy.parser().parse_args(argv + ["--out", "x"]),
+        estimates = {name: runs.memory_estimate(cfg, train_policy.parser().parse_args(argv + ["--out", "x"]),
                                                         ranks) for name, (argv, ranks) in found.items()}
     print(f"Qwen2.5-0.5B shape, {args.steps} steps, batch {args.batch} pairs of {args.seq} + {args.seq} tokens, "
           f"fp32 CPU; peak RssAnon during train() minus the runtime's, per rank; median of {args.repeats}")

@@ -183,6 +183,7 @@ def make_tokenizer(words, folder):
 
 def check_lora_7b(device, small):
     """One LoRA DPO step at Qwen2.5-7B's shape (random weights, never saved): peak memory beside the estimate."""
+    import runs
     import train_policy
     hf = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
               num_key_value_heads=4, intermediate_size=18944, max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -225,9 +226,9 @@ def check_lora_7b(device, small):
     n_params = sum(p.numel() for p in policy.parameters())
     flags = ["--model", "m", "--data", "d", "--out", "o", "--lora-rank", "16", "--batch-size", str(pairs),
              "--max-prompt-len", str(prompt_len), "--max-answer-len", str(answer_len)]  # the step above
-    estimate = train_policy.memory_estimate(policy.config, train_policy.parser().parse_args(flags), 1, device)["total"]
+    estimate = runs.memory_estimate(policy.config, train_policy.parser().parse_args(flags), 1, device)["total"]
     shown = (f"peak {peak / 2**30:.1f} GiB, {seconds:.1f} s, {tokens} tokens, {n_params / 1e9:.2f}B params; estimate "
-             f"(train_policy.memory_estimate, activations included) {estimate / 2**30:.1f} GiB")
+             f"(runs.memory_estimate, activations included) {estimate / 2**30:.1f} GiB")
     report("lora-7b one DPO step", bool(torch.isfinite(loss)) and (device.type != "cuda" or peak < 80 * 2**30),
            shown, "finite loss, fits in 80 GB")
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cwpo
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
@@ -106,9 +107,8 @@ def test_the_judge_reads_text_with_its_own_tokenizer(tiny_world, tmp_path, capsy
 def cli_line(argv, capsys):
     """What `eval.py ARGV` says before any work: argparse's line, or run_script's `error: ...`."""
     import eval as gra
-    import train_policy
     with pytest.raises(SystemExit) as info:
-        train_policy.run_script(gra.main, gra.parse_args(argv))
+        runs.run_script(gra.main, gra.parse_args(argv))
     return str(info.value.code) + capsys.readouterr().err
 
 

@@ -241,7 +241,7 @@ def test_unreadable_files_are_named_and_shards_stay_inside_the_folder(tmp_path):
 
 
 def test_saved_files_keep_the_umask_mode_and_non_finite_weights_are_never_saved(tmp_path):
-    from model import atomic_write
+    from runs import atomic_write
     old = os.umask(0o022)
     try:
         atomic_write(str(tmp_path / "a.txt"), lambda tmp: open(tmp, "w").write("x"))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import runs
 import train_policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +160,7 @@ def test_resume_never_runs_code_from_a_crafted_state(tiny_world, tmp_path):
 def cli_error(argv, capsys):
     """The one line train_policy.py prints for bad input (argparse's own errors included), run in process."""
     with pytest.raises(SystemExit) as info:
-        train_policy.run_script(train_policy.main, train_policy.parser().parse_args(argv))
+        runs.run_script(train_policy.main, train_policy.parser().parse_args(argv))
     return str(info.value.code) + capsys.readouterr().err
 
 
@@ -209,7 +210,7 @@ def test_ctrl_c_is_one_line_and_exit_status_130(capsys):
     def interrupted(args):
         raise KeyboardInterrupt
     with pytest.raises(SystemExit) as info:
-        train_policy.run_script(interrupted, None)
+        runs.run_script(interrupted, None)
     assert info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
@@ -366,14 +367,14 @@ def main_argv(tiny_world, out, *extra):
 
 def test_a_run_owns_its_folder(tiny_world, tmp_path, capsys):
     out = tmp_path / "out"
-    train_policy.run_script(train_policy.main, train_policy.parser().parse_args(main_argv(tiny_world, out)))
+    runs.run_script(train_policy.main, train_policy.parser().parse_args(main_argv(tiny_world, out)))
     (out / "model.safetensors.x1.tmp").write_bytes(b"half")  # what a killed atomic_write leaves
     before = sorted(os.listdir(out))
     line = cli_error(main_argv(tiny_world, out, "--max-steps", "3"), capsys)  # bug: trains beside the old run
     assert "holds an earlier run's checkpoint-1" in line and "--overwrite" in line and sorted(os.listdir(out)) == before
     line = cli_error(main_argv(tiny_world, out, "--resume", "--beta", "0.2"), capsys)  # bug: resumes another run
     assert "--beta 0.1 there, 0.2 now" in line and "Traceback" not in line
-    train_policy.run_script(train_policy.main, train_policy.parser().parse_args(
+    runs.run_script(train_policy.main, train_policy.parser().parse_args(
         main_argv(tiny_world, out, "--overwrite", "--max-steps", "1")))
     assert [json.loads(r)["step"] for r in open(out / "log.jsonl")] == [1]  # bug: log appended to, steps 1, 2, 1
     assert not [n for n in os.listdir(out) if n.startswith("checkpoint-") or n.endswith(".tmp")]
@@ -386,11 +387,11 @@ def test_resume_from_a_damaged_or_foreign_checkpoint_is_one_line(tiny_world, tmp
     argv = main_argv(tiny_world, out, "--model", str(model), "--resume")
     out.mkdir()
     (out / "log.jsonl").write_text('{"step": 1}\n')  # a run killed before its first checkpoint
-    train_policy.run_script(train_policy.main, train_policy.parser().parse_args(argv))  # leaves checkpoint-1
+    runs.run_script(train_policy.main, train_policy.parser().parse_args(argv))  # leaves checkpoint-1
     assert [json.loads(r)["step"] for r in open(out / "log.jsonl")] == [1, 2]  # bug: 1, 1, 2
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # a kill in the middle of a line; bug: "Unterminated string", no file named
-    train_policy.run_script(train_policy.main, train_policy.parser().parse_args(argv))
+    runs.run_script(train_policy.main, train_policy.parser().parse_args(argv))
     assert [json.loads(r)["step"] for r in open(out / "log.jsonl")] == [1, 2]
     log = (out / "log.jsonl").read_text()
     (out / "log.jsonl").write_text("{oops\n" + log)
@@ -438,7 +439,7 @@ def test_a_global_batch_smaller_than_the_ranks_is_one_line(tiny_world, tmp_path)
 
 def estimate(cfg, *flags, world_size=1, device="cpu", reward=False):
     args = train_policy.parser().parse_args(["--model", "m", "--data", "d", "--out", "o", *flags])
-    return train_policy.memory_estimate(cfg, args, world_size, torch.device(device), reward)
+    return runs.memory_estimate(cfg, args, world_size, torch.device(device), reward)
 
 
 FAMILIES = [dict(model_type="qwen2", vocab_size=1000, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -514,7 +515,7 @@ def test_one_lora_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_wor
         "--lora-alpha", str(alpha), "--lora-modules", ",".join(modules)])
     policy = train_policy.load_trainable(args, tok, torch.device("cpu"))
     start = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    assert sorted(train_policy.trainable_state(policy)) == sorted(  # the checkpoint's seam: adapters only
+    assert sorted(runs.trainable_state(policy)) == sorted(  # the checkpoint's seam: adapters only
         f"h.{i}.{LORA_MODULES[m]}.lora_{ab}" for i in range(2) for m in modules for ab in "ab")
     examples = train_policy.encode_examples(tok, pairs, args)
     train_policy.add_reference_logps(reference, examples, 4, torch.device("cpu"))
@@ -540,7 +541,7 @@ def test_one_lora_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_wor
     loss = (torch.tensor(CONFIDENCES) * losses).mean()
     loss.backward()
     weights, params, grads = dict(fresh.named_parameters()), dict(policy.named_parameters()), {}
-    for name in train_policy.trainable_state(policy):
+    for name in runs.trainable_state(policy):
         module = name.rsplit(".", 1)[0]
         w_grad, a = weights[module + ".weight"].grad, start[module + ".lora_a"]
         grads[name] = alpha / rank * w_grad @ a.T if name.endswith("_b") else torch.zeros_like(a)

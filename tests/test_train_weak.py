@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import runs
 import train_weak
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +97,6 @@ def test_a_report_on_ties_only_is_refused_before_training(tiny_world, tmp_path):
 
 
 def test_outputs_of_two_runs_never_mix(tiny_world, tmp_path, capsys):
-    import train_policy
     out = tmp_path / "weak"
     out.mkdir()
     (out / "report.json").write_text("{}")  # an earlier run's
@@ -106,7 +106,7 @@ def test_outputs_of_two_runs_never_mix(tiny_world, tmp_path, capsys):
     for extra, message in (([], "holds an earlier run's report.json"),  # bug: the new model beside the old report
                            (["--overwrite", "--unlabeled", str(tmp_path / "bad.jsonl")], "bad.jsonl, line 1")):
         with pytest.raises(SystemExit) as info:  # bug: --unlabeled read only after training and saving the model
-            train_policy.run_script(train_weak.main, train_weak.parser().parse_args(argv + extra))
+            runs.run_script(train_weak.main, train_weak.parser().parse_args(argv + extra))
         assert message in str(info.value.code)
         assert os.listdir(out) == ["report.json"]
 
@@ -120,7 +120,7 @@ def test_lora_annotator_trains_its_adapters_and_its_whole_head(tiny_world, tmp_p
     rm, _ = train_weak.train_annotator(pairs, args, torch.device("cpu"), log=lambda *a: None)
     torch.manual_seed(0)
     start = load_model(tiny_world["model"], reward=True)
-    trained = train_weak.train_policy.trainable_state(rm)
+    trained = runs.trainable_state(rm)
     assert all(".lora_" in name for name in trained if name != "score.weight")
     assert not torch.equal(trained["score.weight"], start.score.weight)  # bug: the head frozen with the base
     assert torch.equal(rm.body.h[0].mlp.up.linear.weight, start.body.h[0].mlp.up.weight)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import data
-import train_policy
+import runs
 import world
 from tools import figures
 
@@ -250,5 +250,5 @@ def test_experiment_checks_before_any_work_and_never_leaves_an_old_run_beside_a_
     monkeypatch.setattr(world, "build_world", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     args.labeled_fraction = 0.3
     with pytest.raises(SystemExit) as info:
-        train_policy.run_script(world.experiment, args)
+        runs.run_script(world.experiment, args)
     assert info.value.code == 130 and sorted(os.listdir(tmp_path)) == ["notes.txt"]  # the user's own file stays
