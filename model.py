@@ -1,12 +1,12 @@
 """A minimal decoder-only transformer that loads real Hugging Face checkpoints.
 
-One module covers the four families CW-PO is run with: GPT-2, OPT, Qwen2 and Llama. It reads a local folder
-(config.json + model.safetensors, possibly sharded), maps tensor names explicitly (one table per family, below),
-and writes the same layout back so that transformers loads what we saved.
+One module covers the families CW-PO is run with: GPT-2, OPT, Qwen2 and Llama. It reads a local
+folder (config.json + model.safetensors, possibly sharded), maps tensor names explicitly (one table
+per family, below), and writes the same layout back so that transformers loads what we saved.
 
-    model = load_model("opt-125m")                # causal LM
-    rm = load_model("opt-125m", reward=True)      # backbone + scalar head
-    hidden = model(ids, mask, return_hidden=True) # [B, T, d], LM head not applied
+    model = load_model("opt-125m")                  # causal LM
+    rm = load_model("opt-125m", reward=True)        # backbone + scalar head
+    hidden = model(ids, mask, return_hidden=True)   # [B, T, d], LM head not applied
 """
 import functools
 import json
@@ -24,8 +24,15 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from runs import atomic_write
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ACTIVATIONS = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-ACTIVATIONS["gelu_pytorch_tanh"] = ACTIVATIONS["gelu_new"]
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+# ----------------------------------------------------------------------------------- Config
 
 @dataclass
 class Config:
@@ -50,131 +57,173 @@ class Config:
     mlp_bias: bool = False
     proj_dim: int = 0                  # OPT word_embed_proj_dim when != hidden_size
     dtype: str = "float32"
-    hf: dict = field(default_factory=dict, repr=False)  # the config.json it came from, written back on save
+    hf: dict = field(default_factory=dict, repr=False)  # the config.json it came from, saved back
 
     @property
-    def rope(self):  # Llama and Qwen2: RoPE and RMSNorm; GPT-2 and OPT: learned positions and LayerNorm
+    def rope(self):
+        """Llama and Qwen2: RoPE and RMSNorm; GPT-2 and OPT: learned positions and LayerNorm."""
         return self.model_type in ("llama", "qwen2")
 
 def config_from_hf(hf):
-    """Config from a config.json dict, in both layouts: older (rope_theta, torch_dtype) and transformers 5
-    (rope_parameters, dtype)."""
+    """Config from a config.json dict, in both layouts: older (rope_theta, torch_dtype) and
+    transformers 5 (rope_parameters, dtype)."""
     family = hf.get("model_type")
-    common = dict(model_type=family, vocab_size=hf["vocab_size"], hf=hf,
-                  tie_word_embeddings=hf.get("tie_word_embeddings", family in ("gpt2", "opt")),
-                  dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", ""))
+    dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
+    tied = hf.get("tie_word_embeddings", family in ("gpt2", "opt"))
+    common = dict(model_type=family, vocab_size=hf["vocab_size"], hf=hf, tie_word_embeddings=tied,
+                  dtype=dtype)
+
     if family == "gpt2":
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise ValueError("config.json: GPT-2's scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
-                             "are not supported")
+            raise ValueError("config.json: GPT-2's scale_attn_by_inverse_layer_idx / "
+                             "reorder_and_upcast_attn are not supported")
         width, heads = hf["n_embd"], hf["n_head"]
-        return Config(d_model=width, n_layer=hf["n_layer"], n_head=heads, n_kv_head=heads, head_dim=width // heads,
-                      d_ff=hf.get("n_inner") or 4 * width, max_pos=hf["n_positions"],
-                      act=hf.get("activation_function", "gelu_new"), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        return Config(d_model=width, n_layer=hf["n_layer"], n_head=heads, n_kv_head=heads,
+                      head_dim=width // heads, d_ff=hf.get("n_inner") or 4 * width,
+                      max_pos=hf["n_positions"], act=hf.get("activation_function", "gelu_new"),
+                      norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                       qkv_bias=True, o_bias=True, mlp_bias=True, **common)
+
     if family == "opt":
-        width, heads, bias = hf["hidden_size"], hf["num_attention_heads"], hf.get("enable_bias", True)
-        pre_norm, proj_dim = hf.get("do_layer_norm_before", True), hf.get("word_embed_proj_dim", width)
-        proj_dim = proj_dim if proj_dim != width else 0
+        width, heads = hf["hidden_size"], hf["num_attention_heads"]
+        bias = hf.get("enable_bias", True)
+        pre_norm = hf.get("do_layer_norm_before", True)
+        proj_dim = hf.get("word_embed_proj_dim", width)
         return Config(d_model=width, n_layer=hf["num_hidden_layers"], n_head=heads, n_kv_head=heads,
-                      head_dim=width // heads, d_ff=hf["ffn_dim"], max_pos=hf["max_position_embeddings"],
+                      head_dim=width // heads, d_ff=hf["ffn_dim"],
+                      max_pos=hf["max_position_embeddings"],
                       act=hf.get("activation_function", "relu"), pre_norm=pre_norm,
                       final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
-                      qkv_bias=bias, o_bias=bias, mlp_bias=bias, proj_dim=proj_dim, **common)
+                      qkv_bias=bias, o_bias=bias, mlp_bias=bias,
+                      proj_dim=proj_dim if proj_dim != width else 0, **common)
+
     if family in ("llama", "qwen2"):
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"config.json: rope type {rope_type!r} is not supported (only 'default')")
-        width, heads, bias = hf["hidden_size"], hf["num_attention_heads"], hf.get("attention_bias", False)
+            raise ValueError(f"config.json: rope type {rope_type!r} is not supported "
+                             "(only 'default')")
+        width, heads = hf["hidden_size"], hf["num_attention_heads"]
+        bias = hf.get("attention_bias", False)
         return Config(d_model=width, n_layer=hf["num_hidden_layers"], n_head=heads,
-                      n_kv_head=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or width // heads,
+                      n_kv_head=hf.get("num_key_value_heads") or heads,
+                      head_dim=hf.get("head_dim") or width // heads,
                       d_ff=hf["intermediate_size"], max_pos=hf.get("max_position_embeddings", 4096),
                       act=hf.get("hidden_act", "silu"), norm_eps=hf.get("rms_norm_eps", 1e-6),
                       rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-                      qkv_bias=family == "qwen2" or bias, o_bias=bias, mlp_bias=hf.get("mlp_bias", False), **common)
-    raise ValueError(f"config.json: unsupported model_type {family!r} (supported: gpt2, opt, qwen2, llama)")
+                      qkv_bias=family == "qwen2" or bias, o_bias=bias,
+                      mlp_bias=hf.get("mlp_bias", False), **common)
+
+    raise ValueError(f"config.json: unsupported model_type {family!r} "
+                     "(supported: gpt2, opt, qwen2, llama)")
+
+# ----------------------------------------------------------------------------------- Layers
 
 class RMSNormFunction(torch.autograd.Function):
-    """y = w * n, n = x r, r = 1 / sqrt(mean(x^2) + eps), statistics in fp32 at least (as the reference code);
-    dx = r (g - n mean(g n)) with g = w dy, dw = sum(dy n). Saves x and r only: n is recomputed in backward."""
+    """y = w * n, n = x r, r = 1 / sqrt(mean(x^2) + eps), statistics in fp32 at least (as the
+    reference code); dx = r (g - n mean(g n)) with g = w dy, dw = sum(dy n).
+    Saves x and r only: n is recomputed in backward."""
+
     @staticmethod
     def forward(ctx, x, weight, eps):
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
         ctx.save_for_backward(x, weight, rstd)
         return weight * (x32 * rstd).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        n, g = x.to(rstd.dtype) * rstd, (dy * weight).to(rstd.dtype)
+        n = x.to(rstd.dtype) * rstd
+        g = (dy * weight).to(rstd.dtype)
         dx = rstd * (g - n * (g * n).mean(-1, keepdim=True))
-        return dx.to(x.dtype), (dy * n.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype), None
+        dw = (dy * n.to(x.dtype)).flatten(0, -2).sum(0)
+        return dx.to(x.dtype), dw.to(weight.dtype), None
 
-class RMSNorm(nn.Module):  # Llama, Qwen2
+class RMSNorm(nn.Module):
+    """Llama's and Qwen2's norm: RMSNormFunction with a learned scale."""
+
     def __init__(self, d, eps):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
 
     def forward(self, x):
         return RMSNormFunction.apply(x, self.weight, self.eps)
 
 def make_norm(cfg):
     """LayerNorm with bias (GPT-2, OPT) or RMSNorm (Llama, Qwen2)."""
-    return RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.rope else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    if cfg.rope:
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 def rotate(x, cos, sin):
     """Rotate-half RoPE; x [B, H, T, hd], cos / sin [B, 1, T, hd]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
-class Attention(nn.Module):
-    """Causal self-attention: fused q|k|v, grouped-query heads, RoPE for Llama / Qwen2, an optional KV cache."""
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
-
-    def forward(self, x, rope, mask, cache, start):
-        B, T, _ = x.shape
-        c = self.cfg
-        q, k, v = self.qkv(x).split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], dim=-1)
-        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
-        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
-        if rope is not None:  # q and k are new tensors: a copy of v lets attention keep v alone, not all of qkv
-            q, k, v = rotate(q, *rope), rotate(k, *rope), v.contiguous()
-        if cache is not None:  # write this step's keys/values, attend over everything so far
-            cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
-            k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
-        if isinstance(mask, BlockMask):  # CUDA, the packed layout: FlexAttention skips the masked-out blocks
-            y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=c.n_kv_head != c.n_head)
-        elif isinstance(mask, list):  # CPU, the packed layout: each example's span apart, no work on other examples
-            sizes = [m.shape[0] for m in mask]  # split, not slices: its backward is one concatenation
-            y = torch.cat([F.scaled_dot_product_attention(*qkv, attn_mask=m, enable_gqa=c.n_kv_head != c.n_head)
-                           for *qkv, m in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2), mask)], 2)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=c.n_kv_head != c.n_head)
-        return self.o(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
-
 def visible(segment_ids, branch_ids, b, q, k):
-    """The packed layout's attention rule (data.collate): key k is visible to query q in row b when both lie in one
-    example, k is not later, and k is in the prompt (branch 0) or in q's own answer. Indices broadcast: the
-    per-example masks (CPU) and FlexAttention's mask_mod (CUDA) share this rule."""
+    """The packed layout's attention rule (data.collate): key k is visible to query q in row b when
+    both lie in one example, k is not later, and k is in the prompt (branch 0) or in q's own answer.
+    Indices broadcast: the per-example masks (CPU) and FlexAttention's mask_mod (CUDA) share it."""
     same = (segment_ids[b, q] == segment_ids[b, k]) & (k <= q)
     return same & ((branch_ids[b, k] == 0) | (branch_ids[b, k] == branch_ids[b, q]))
 
 @functools.cache
 def compiled_flex_attention():
-    """FlexAttention compiled (eager materializes all scores), dynamic in the row length after one recompile."""
+    """FlexAttention compiled (eager materializes all scores), dynamic in the row length after one
+    recompile."""
     return torch.compile(flex_attention)
 
+class Attention(nn.Module):
+    """Causal self-attention: fused q|k|v, grouped-query heads, RoPE for Llama / Qwen2, an optional
+    KV cache."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.q_size = cfg.n_head * cfg.head_dim
+        self.kv_size = cfg.n_kv_head * cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o = nn.Linear(self.q_size, cfg.d_model, bias=cfg.o_bias)
+
+    def forward(self, x, rope, mask, cache, start):
+        B, T, _ = x.shape
+        c = self.cfg
+        gqa = c.n_kv_head != c.n_head
+
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)     # [B, H, T, hd]
+        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        if rope is not None:
+            # q and k become new tensors: a copy of v lets autograd keep v alone, not all of qkv
+            q, k, v = rotate(q, *rope), rotate(k, *rope), v.contiguous()
+
+        if cache is not None:  # write this step's keys / values, attend over everything so far
+            cache[0][:, :, start:start + T] = k
+            cache[1][:, :, start:start + T] = v
+            k = cache[0][:, :, :start + T]  # [B, Hkv, start + T, hd]
+            v = cache[1][:, :, :start + T]
+
+        if isinstance(mask, BlockMask):  # CUDA, packed row: FlexAttention skips masked-out blocks
+            y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+        elif isinstance(mask, list):  # CPU, packed row: each example's span apart
+            sizes = [m.shape[0] for m in mask]  # split, not slices: backward is one concatenation
+            spans = zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2), mask)
+            y = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, enable_gqa=gqa)
+                           for qs, ks, vs, m in spans], 2)  # [B, H, T, hd]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=gqa)  # [B, H, T, hd]
+
+        y = y.transpose(1, 2).reshape(B, T, self.q_size)  # [B, T, H * hd]
+        return self.o(y)
+
 class SwiGLU(torch.autograd.Function):
-    """y = silu(g) u; dg = dy u s (1 + g (1 - s)) with s = sigmoid(g), du = dy silu(g). Saves g and u only (autograd
-    would keep silu(g) as well), recomputing silu(g) in backward."""
+    """y = silu(g) u; dg = dy u s (1 + g (1 - s)) with s = sigmoid(g), du = dy silu(g).
+    Saves g and u only (autograd would keep silu(g) as well), recomputing silu(g) in backward."""
+
     @staticmethod
     def forward(ctx, g, u):
         ctx.save_for_backward(g, u)
@@ -183,14 +232,17 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(dy * u, g), dy * F.silu(g)  # aten's fused silu' (2x faster)
+        dg = torch.ops.aten.silu_backward(dy * u, g)  # aten's fused silu' (2x faster)
+        return dg, dy * F.silu(g)
 
 class MLP(nn.Module):
     """SwiGLU down(act(gate(x)) * up(x)) for Llama / Qwen2, down(act(up(x))) for GPT-2 / OPT."""
+
     def __init__(self, cfg):
         super().__init__()
         self.act = ACTIVATIONS[cfg.act]
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if cfg.rope else None  # SwiGLU families only
+        gated = cfg.rope  # SwiGLU families only
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if gated else None
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
 
@@ -198,14 +250,20 @@ class MLP(nn.Module):
         up = self.up(x)
         if self.gate is None:
             return self.down(self.act(up))
-        return self.down(SwiGLU.apply(self.gate(x), up) if self.act is F.silu else self.act(self.gate(x)) * up)
+        if self.act is F.silu:
+            return self.down(SwiGLU.apply(self.gate(x), up))
+        return self.down(self.act(self.gate(x)) * up)
 
 class Block(nn.Module):
     """One layer: pre-norm x + f(norm(x)), or the post-norm norm(x + f(x)) of OPT-350m."""
+
     def __init__(self, cfg):
         super().__init__()
         self.pre_norm = cfg.pre_norm
-        self.ln_1, self.attn, self.ln_2, self.mlp = make_norm(cfg), Attention(cfg), make_norm(cfg), MLP(cfg)
+        self.ln_1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
 
     def forward(self, x, rope, mask, cache=None, start=0):
         if self.pre_norm:
@@ -214,25 +272,34 @@ class Block(nn.Module):
         x = self.ln_1(x + self.attn(x, rope, mask, cache, start))
         return self.ln_2(x + self.mlp(x))
 
+# ----------------------------------------------------------------------------------- The decoder
+
 class GPT(nn.Module):
     """The decoder: embeddings, blocks, final norm and, unless lm_head=False, the LM head."""
+
     def __init__(self, cfg, lm_head=True):
         super().__init__()
         self.config = cfg
         emb_dim = cfg.proj_dim or cfg.d_model
+        n_positions = cfg.max_pos + (2 if cfg.model_type == "opt" else 0)
+
         self.wte = nn.Embedding(cfg.vocab_size, emb_dim)
-        self.wpe = None if cfg.rope else nn.Embedding(cfg.max_pos + (2 if cfg.model_type == "opt" else 0), cfg.d_model)
-        self.project_in = nn.Linear(emb_dim, cfg.d_model, bias=False) if cfg.proj_dim else nn.Identity()
+        self.wpe = None if cfg.rope else nn.Embedding(n_positions, cfg.d_model)
+        self.project_in = nn.Identity()
+        self.project_out = nn.Identity()
+        if cfg.proj_dim:
+            self.project_in = nn.Linear(emb_dim, cfg.d_model, bias=False)
+            self.project_out = nn.Linear(cfg.d_model, emb_dim, bias=False)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg) if cfg.final_norm else nn.Identity()
-        self.project_out = nn.Linear(cfg.d_model, emb_dim, bias=False) if cfg.proj_dim else nn.Identity()
         self.lm_head = nn.Linear(emb_dim, cfg.vocab_size, bias=False) if lm_head else None
         if lm_head and cfg.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
         self.grad_checkpointing = False
 
     def init_weights(self, std=0.02):
-        """For training from scratch (also after to_empty): N(0, std) weights, zero biases, unit norms, like HF's."""
+        """For training from scratch (also after to_empty): N(0, std) weights, zero biases, unit
+        norms, like HF's."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
@@ -242,61 +309,86 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
         return self
 
-    def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0, layout=None):
+    def forward(self, input_ids, attention_mask=None, return_hidden=False, cache=None, start=0,
+                layout=None):
         """input_ids [B, T] -> logits [B, T, V], or final hidden states [B, T, d'] with return_hidden.
-        attention_mask [B, start + T] (1 = real token) allows left or right padding; with a KV cache (see
-        generate, which passes a mask), `start` counts the positions already cached. layout: a batch of
-        data.collate (its position_ids, segment_ids and branch_ids), the packed row instead of attention_mask."""
-        pos, mask, rope = self.positions_and_mask(input_ids, attention_mask, start, layout)
-        x = self.project_in(self.wte(input_ids))
+
+        attention_mask [B, start + T] (1 = real token) allows left or right padding; with a KV cache
+        (see generate, which passes a mask), `start` counts the positions already cached. layout: a
+        batch of data.collate (position_ids, segment_ids, branch_ids), the packed row instead of
+        attention_mask.
+        """
+        if layout is not None:
+            pos, mask = self.packed_mask(input_ids, layout)
+        else:
+            pos, mask = self.padded_mask(input_ids, attention_mask, start)
+        rope = rope_cos_sin(self.config, pos, self.wte.weight.dtype) if self.config.rope else None
+
+        x = self.project_in(self.wte(input_ids))  # [B, T, d]
         if self.wpe is not None:  # OPT stores max_pos + 2 learned positions and skips the first two
             x = x + self.wpe(pos + (2 if self.config.model_type == "opt" else 0))
+
         for i, block in enumerate(self.h):
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
                 x = block(x, rope, mask, None if cache is None else cache[i], start)
-        x = self.project_out(self.ln_f(x))
+
+        x = self.project_out(self.ln_f(x))  # [B, T, d']
         return x if return_hidden else self.lm_head(x)
 
-    def positions_and_mask(self, input_ids, attention_mask, start, layout=None):
-        """-> (positions [B, T], mask, RoPE (cos, sin) or None). Positions count real tokens only, so a left-padded
-        prompt sees the positions of an unpadded one; a pad query attends to itself (no mask row is empty). The
-        mask: None (causal), a bool [B, 1, T, start + T] (attention_mask), or for the packed row (layout) the rule
-        `visible` as one additive mask per example, for SDPA over its span alone (CPU), or as one FlexAttention
-        block mask over the row (CUDA, where a dense mask would turn SDPA's flash kernels off)."""
+    def packed_mask(self, input_ids, layout):
+        """-> (positions [1, T], mask) of data.collate's packed row: the rule `visible` as one
+        FlexAttention block mask over the row (CUDA, where a dense mask would turn SDPA's flash
+        kernels off), or as one additive mask per example, for SDPA over its span alone (CPU)."""
         B, T = input_ids.shape
         device = input_ids.device
-        if layout is not None:
-            pos, segment_ids, branch_ids = layout["position_ids"], layout["segment_ids"], layout["branch_ids"]
-            rule = lambda b, h, q, k: visible(segment_ids, branch_ids, b, q, k)  # noqa: E731
-            if device.type == "cuda":
-                mask = create_block_mask(rule, B, None, T, T, device=device)
-            else:  # one additive mask [L, L] per example, in order (SDPA would keep a float copy of a bool one)
-                sizes = torch.unique_consecutive(segment_ids[0], return_counts=True)[1].tolist()
-                mask = [torch.where(rule(0, None, s[:, None], s), 0.0, float("-inf")).to(self.wte.weight.dtype)
-                        for s in torch.arange(T, device=device).split(sizes)]
-        elif attention_mask is None:  # causal, no cache (generate passes a mask)
-            pos, mask = torch.arange(T, device=device).expand(B, T), None
-        else:
-            real = attention_mask.bool()
-            pos = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
-            causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
-            diagonal = torch.arange(start + T, device=device) == torch.arange(start, start + T, device=device)[:, None]
-            mask = ((causal & real[:, None, :]) | diagonal)[:, None]
-        if not self.config.rope:
-            return pos, mask, None
-        cfg = self.config
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
-        angles = pos[:, :, None].float() * inv_freq
-        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        segment_ids, branch_ids = layout["segment_ids"], layout["branch_ids"]  # [1, T]
+
+        def rule(b, h, q, k):
+            return visible(segment_ids, branch_ids, b, q, k)
+
+        if device.type == "cuda":
+            return layout["position_ids"], create_block_mask(rule, B, None, T, T, device=device)
+        # one additive [L, L] mask per example, in order (SDPA would keep a float copy of a bool one)
+        sizes = torch.unique_consecutive(segment_ids[0], return_counts=True)[1].tolist()
+        spans = torch.arange(T, device=device).split(sizes)
         dtype = self.wte.weight.dtype
-        return pos, mask, (angles.cos().to(dtype), angles.sin().to(dtype))
+        mask = [torch.where(rule(0, None, s[:, None], s), 0.0, float("-inf")).to(dtype) for s in spans]
+        return layout["position_ids"], mask
+
+    def padded_mask(self, input_ids, attention_mask, start):
+        """-> (positions [B, T], mask): None (causal) without attention_mask, else a bool
+        [B, 1, T, start + T]. Positions count real tokens only, so a left-padded prompt sees the
+        positions of an unpadded one; a pad query attends to itself (no mask row is empty)."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:  # causal, no cache (generate passes a mask)
+            return torch.arange(T, device=device).expand(B, T), None
+
+        real = attention_mask.bool()  # [B, start + T]
+        pos = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # [B, T]
+        causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
+        queries = torch.arange(start, start + T, device=device)[:, None]
+        diagonal = torch.arange(start + T, device=device) == queries  # [T, start + T]
+        mask = (causal & real[:, None, :]) | diagonal  # [B, T, start + T]
+        return pos, mask[:, None]
+
+def rope_cos_sin(cfg, pos, dtype):
+    """RoPE's tables for positions pos [B, T]: angles pos * theta^(-2i / hd), i < hd / 2, each
+    frequency twice (rotate-half) -> (cos, sin), each [B, 1, T, hd]."""
+    exponent = torch.arange(0, cfg.head_dim, 2, device=pos.device).float() / cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** exponent  # [hd / 2]
+    angles = pos[:, :, None].float() * inv_freq  # [B, T, hd / 2]
+    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, T, hd]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 class RewardModel(nn.Module):
-    """pi_w(x, y) -> R: the backbone with its LM head replaced by a linear layer to one output, read at each answer's
-    last token (the EOS included). transformers' *ForSequenceClassification reads the last token that is not
-    pad_token_id instead, so it skips an EOS that is also the pad token; we score the whole sequence."""
+    """pi_w(x, y) -> R: the backbone with its LM head replaced by a linear layer to one output, read
+    at each answer's last token (the EOS included). transformers' *ForSequenceClassification reads
+    the last token that is not pad_token_id instead, so it skips an EOS that is also the pad token;
+    we score the whole sequence."""
+
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
@@ -304,34 +396,46 @@ class RewardModel(nn.Module):
         self.score = nn.Linear(cfg.proj_dim or cfg.d_model, 1, bias=False)
 
     def forward(self, input_ids, layout):
-        """input_ids, layout: a batch of data.collate -> [A] scores, one per answer, read at layout["last_index"]."""
-        hidden = self.body(input_ids, return_hidden=True, layout=layout).to(self.score.weight.dtype)
-        return self.score(hidden.flatten(0, 1)[layout["last_index"]]).squeeze(-1).float()
+        """input_ids, layout: a batch of data.collate -> [A] scores, one per answer, read at
+        layout["last_index"]."""
+        hidden = self.body(input_ids, return_hidden=True, layout=layout)  # [1, T, d']
+        last = hidden.flatten(0, 1)[layout["last_index"]]  # [A, d']
+        return self.score(last.to(self.score.weight.dtype)).squeeze(-1).float()
 
-LORA_MODULES = {"qkv": "attn.qkv", "o": "attn.o", "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"}
+# ----------------------------------------------------------------------------------- LoRA
+
+LORA_MODULES = {"qkv": "attn.qkv", "o": "attn.o", "gate": "mlp.gate", "up": "mlp.up",
+                "down": "mlp.down"}
 
 class LoRALinear(nn.Module):
-    """y = W x + b + (alpha / r) B A x (LoRA, arXiv 2106.09685): the frozen nn.Linear (W, b) beside trainable fp32
-    A [r, in] (Kaiming-uniform, as nn.Linear's own init) and B [out, r] = 0: at the start y = W x + b exactly."""
+    """y = W x + b + (alpha / r) B A x (LoRA, arXiv 2106.09685): the frozen nn.Linear (W, b) beside
+    trainable fp32 A [r, in] (Kaiming-uniform, as nn.Linear's own init) and B [out, r] = 0: at the
+    start y = W x + b exactly."""
+
     def __init__(self, linear, rank, alpha):
         super().__init__()
-        self.linear, self.scale = linear, alpha / rank
-        self.lora_a = nn.Parameter(torch.empty(rank, linear.in_features, device=linear.weight.device))
-        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device))
+        device = linear.weight.device
+        self.linear = linear
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, linear.in_features, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_a, a=5 ** 0.5)
 
-    def forward(self, x):  # the adapter in fp32 (or autocast's dtype), added in the base's dtype (bf16 on CUDA)
+    def forward(self, x):
+        """The adapter in fp32 (or autocast's dtype), added in the base's dtype (bf16 on CUDA)."""
         y = self.linear(x)
-        return y + (self.scale * F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b)).to(y.dtype)
+        update = F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b)
+        return y + (self.scale * update).to(y.dtype)
 
 def apply_lora(model, rank, alpha, modules=tuple(LORA_MODULES)):
-    """Freeze `model`, wrap the named modules of every block in LoRALinear; a RewardModel's head trains, in fp32. The
-    fused q|k|v gets one A/B pair (as peft's on GPT-2's c_attn; litgpt's has one per q, k, v): a rank <= r update."""
+    """Freeze `model`, wrap the named modules of every block in LoRALinear; a RewardModel's head
+    trains, in fp32. The fused q|k|v gets one A/B pair (as peft's on GPT-2's c_attn; litgpt's has one
+    per q, k, v): a rank <= r update."""
     model.requires_grad_(False)
     for block in getattr(model, "body", model).h:
         for name in modules:
-            owner, attr = LORA_MODULES[name].split(".")
-            owner = getattr(block, owner)
+            owner_name, attr = LORA_MODULES[name].split(".")
+            owner = getattr(block, owner_name)
             if getattr(owner, attr) is not None:  # GPT-2 and OPT have no gate
                 setattr(owner, attr, LoRALinear(getattr(owner, attr), rank, alpha))
     if isinstance(model, RewardModel):
@@ -340,40 +444,52 @@ def apply_lora(model, rank, alpha, modules=tuple(LORA_MODULES)):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold each LoRALinear's (alpha / r) B A into its W (in fp32) and put the plain nn.Linear back, for save_model."""
+    """Fold each LoRALinear's (alpha / r) B A into its W (in fp32) and put the plain nn.Linear back,
+    for save_model."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
-                child.linear.weight.copy_(child.linear.weight.float() + child.scale * child.lora_b @ child.lora_a)
+                merged = child.linear.weight.float() + child.scale * child.lora_b @ child.lora_a
+                child.linear.weight.copy_(merged)
                 setattr(module, name, child.linear)
     return model
 
-# ------------------------------------------------------------------------------------------------ Checkpoint names
-# Our module -> the Hugging Face module(s) it is made of, per family, without the family prefix ("transformer." /
-# "model."); {i} is the layer. Several HF modules are concatenated along dim 0 (our fused q|k|v). GPT-2 stores its
-# Conv1D weights as [in, out]: those are transposed.
+# ----------------------------------------------------------------------------------- Checkpoint names
+# Our module -> the Hugging Face module(s) it is made of, per family, without the family prefix
+# ("transformer." / "model."); {i} is the layer. Several HF modules are concatenated along dim 0
+# (our fused q|k|v). GPT-2 stores its Conv1D weights as [in, out]: those are transposed.
 
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 HF_NAMES = {
-    "gpt2": {"wte": "wte", "wpe": "wpe", "ln_f": "ln_f", "h.{i}.ln_1": "h.{i}.ln_1", "h.{i}.ln_2": "h.{i}.ln_2",
-             "h.{i}.attn.qkv": "h.{i}.attn.c_attn", "h.{i}.attn.o": "h.{i}.attn.c_proj",
-             "h.{i}.mlp.up": "h.{i}.mlp.c_fc", "h.{i}.mlp.down": "h.{i}.mlp.c_proj"},
-    "opt": {"wte": "decoder.embed_tokens", "wpe": "decoder.embed_positions", "ln_f": "decoder.final_layer_norm",
-            "project_in": "decoder.project_in", "project_out": "decoder.project_out",
-            "h.{i}.ln_1": "decoder.layers.{i}.self_attn_layer_norm",
-            "h.{i}.ln_2": "decoder.layers.{i}.final_layer_norm",
-            "h.{i}.attn.qkv": tuple("decoder.layers.{i}." + n for n in QKV),
-            "h.{i}.attn.o": "decoder.layers.{i}.self_attn.out_proj",
-            "h.{i}.mlp.up": "decoder.layers.{i}.fc1", "h.{i}.mlp.down": "decoder.layers.{i}.fc2"},
-    "llama": {"wte": "embed_tokens", "ln_f": "norm", "h.{i}.ln_1": "layers.{i}.input_layernorm",
-              "h.{i}.ln_2": "layers.{i}.post_attention_layernorm",
-              "h.{i}.attn.qkv": tuple("layers.{i}." + n for n in QKV),
-              "h.{i}.attn.o": "layers.{i}.self_attn.o_proj", "h.{i}.mlp.gate": "layers.{i}.mlp.gate_proj",
-              "h.{i}.mlp.up": "layers.{i}.mlp.up_proj", "h.{i}.mlp.down": "layers.{i}.mlp.down_proj"},
+    "gpt2": {
+        "wte": "wte", "wpe": "wpe", "ln_f": "ln_f",
+        "h.{i}.ln_1": "h.{i}.ln_1", "h.{i}.ln_2": "h.{i}.ln_2",
+        "h.{i}.attn.qkv": "h.{i}.attn.c_attn", "h.{i}.attn.o": "h.{i}.attn.c_proj",
+        "h.{i}.mlp.up": "h.{i}.mlp.c_fc", "h.{i}.mlp.down": "h.{i}.mlp.c_proj",
+    },
+    "opt": {
+        "wte": "decoder.embed_tokens", "wpe": "decoder.embed_positions",
+        "ln_f": "decoder.final_layer_norm",
+        "project_in": "decoder.project_in", "project_out": "decoder.project_out",
+        "h.{i}.ln_1": "decoder.layers.{i}.self_attn_layer_norm",
+        "h.{i}.ln_2": "decoder.layers.{i}.final_layer_norm",
+        "h.{i}.attn.qkv": tuple("decoder.layers.{i}." + n for n in QKV),
+        "h.{i}.attn.o": "decoder.layers.{i}.self_attn.out_proj",
+        "h.{i}.mlp.up": "decoder.layers.{i}.fc1", "h.{i}.mlp.down": "decoder.layers.{i}.fc2",
+    },
+    "llama": {
+        "wte": "embed_tokens", "ln_f": "norm",
+        "h.{i}.ln_1": "layers.{i}.input_layernorm",
+        "h.{i}.ln_2": "layers.{i}.post_attention_layernorm",
+        "h.{i}.attn.qkv": tuple("layers.{i}." + n for n in QKV),
+        "h.{i}.attn.o": "layers.{i}.self_attn.o_proj",
+        "h.{i}.mlp.gate": "layers.{i}.mlp.gate_proj",
+        "h.{i}.mlp.up": "layers.{i}.mlp.up_proj", "h.{i}.mlp.down": "layers.{i}.mlp.down_proj",
+    },
 }
 HF_NAMES["qwen2"] = HF_NAMES["llama"]
 PREFIXES = {"gpt2": "transformer.", "opt": "model.", "llama": "model.", "qwen2": "model."}
-IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers some checkpoints carry
+IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers some files carry
 CONV1D = ("attn.qkv", "attn.o", "mlp.up", "mlp.down")  # GPT-2 modules stored as [in, out]
 HEADS = ("lm_head.weight", "score.weight")  # stored without the family prefix
 
@@ -384,10 +500,13 @@ def hf_names(cfg, ours):
         return (ours,), False
     module, kind = ours.rsplit(".", 1)
     layer = module.split(".")[1] if module.startswith("h.") else None
-    theirs = HF_NAMES[cfg.model_type][module.replace(f"h.{layer}.", "h.{i}.") if layer else module]
+    pattern = module.replace(f"h.{layer}.", "h.{i}.") if layer else module
+    theirs = HF_NAMES[cfg.model_type][pattern]
     theirs = (theirs,) if isinstance(theirs, str) else theirs
     conv1d = cfg.model_type == "gpt2" and kind == "weight" and module.endswith(CONV1D)
     return tuple(n.format(i=layer) + "." + kind for n in theirs), conv1d
+
+# ----------------------------------------------------------------------------------- Load and save
 
 def read_safetensors(path):
     """-> {name without family prefix: (file, name in file)} over one file or a sharded index."""
@@ -401,16 +520,18 @@ def read_safetensors(path):
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
     where = {}
     for name in files:
+        file = os.path.join(path, name)
         try:
-            with safe_open(os.path.join(path, name), "pt") as f:
+            with safe_open(file, "pt") as f:
                 keys = list(f.keys())
         except (OSError, SafetensorError) as e:
-            raise ValueError(f"{os.path.join(path, name)}: not a readable safetensors file ({e})") from None
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
         for key in keys:
             short = key.split(".", 1)[1] if key.startswith(("transformer.", "model.")) else key
-            where[short] = (os.path.join(path, name), key)
+            where[short] = (file, key)
     return where
 
 def read_json(path):
@@ -424,9 +545,10 @@ def read_json(path):
 def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False):
     """Load a local HF checkpoint folder as a GPT (or, with reward=True, a RewardModel).
 
-    dtype None keeps the checkpoint's own dtype (config.json's dtype / torch_dtype). A missing, unexpected or
-    wrongly shaped tensor raises an error naming the tensor and the file. With reward=True the scalar head comes
-    from `score.weight`, else it is fresh (a pretrained LM becomes an annotator) unless trained_head=True (a judge).
+    dtype None keeps the checkpoint's own dtype (config.json's dtype / torch_dtype). A missing,
+    unexpected or wrongly shaped tensor raises an error naming the tensor and the file. With
+    reward=True the scalar head comes from `score.weight`, else it is fresh (a pretrained LM becomes
+    an annotator) unless trained_head=True (a judge).
     """
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
@@ -438,32 +560,41 @@ def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False)
     dtype = dtype or DTYPES.get(cfg.dtype, torch.float32)
     with torch.device("meta"):
         model = RewardModel(cfg) if reward else GPT(cfg)
-    where, state, used = read_safetensors(path), {}, set()
+
+    where = read_safetensors(path)
+    state, used = {}, set()
     for full_name, param in model.named_parameters():  # a tied lm_head is not listed: it is wte
         ours = full_name.removeprefix("body.")
         theirs, transposed = hf_names(cfg, ours)
         if ours == "score.weight" and ours not in where:  # a fresh scalar head on a pretrained LM
             if trained_head:  # a random head would judge at random (GRA 0 or 100 by the draw)
-                raise KeyError(f"{path}: checkpoint lacks tensor 'score.weight': a trained scalar head is needed")
-            state[full_name] = torch.randn(param.shape, dtype=dtype) * cfg.hf.get("initializer_range", 0.02)
+                raise KeyError(f"{path}: checkpoint lacks tensor 'score.weight': a trained scalar "
+                               "head is needed")
+            std = cfg.hf.get("initializer_range", 0.02)
+            state[full_name] = torch.randn(param.shape, dtype=dtype) * std
             continue
+
         parts = []
         for name in theirs:
             if name not in where:
-                raise KeyError(f"{path}: checkpoint lacks tensor {PREFIXES[cfg.model_type] + name!r} (for {ours})")
+                raise KeyError(f"{path}: checkpoint lacks tensor "
+                               f"{PREFIXES[cfg.model_type] + name!r} (for {ours})")
             with safe_open(where[name][0], "pt") as f:
                 parts.append(f.get_tensor(where[name][1]))
         tensor = torch.cat([p.t() if transposed else p for p in parts])
         if tensor.shape != param.shape:
             file, key = where[theirs[0]]
-            raise ValueError(f"{file}: tensor {key!r} has shape {tuple(parts[0].shape)}, config.json implies "
-                             f"{tuple(param.shape)} for {ours}")
+            raise ValueError(f"{file}: tensor {key!r} has shape {tuple(parts[0].shape)}, "
+                             f"config.json implies {tuple(param.shape)} for {ours}")
         state[full_name] = tensor.to(dtype).contiguous()
         used.update(theirs)
+
     unexpected = [n for n in where if n not in used and not n.endswith(IGNORED) and n not in HEADS]
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensor {where[unexpected[0]][1]!r} in {where[unexpected[0]][0]} "
-                         f"({len(unexpected)} unexpected in all) for model_type {cfg.model_type!r}")
+        file, key = where[unexpected[0]][0], where[unexpected[0]][1]
+        raise ValueError(f"{path}: unexpected tensor {key!r} in {file} ({len(unexpected)} "
+                         f"unexpected in all) for model_type {cfg.model_type!r}")
+
     model.load_state_dict(state, strict=False, assign=True)
     body = model.body if reward else model
     if body.lm_head is not None and cfg.tie_word_embeddings:
@@ -472,53 +603,65 @@ def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False)
     return model.to(device)
 
 def save_model(model, path, whole=None):
-    """Write model.safetensors + config.json into the folder `path` in the HF layout, from `whole` (a sharded model's
-    gathered state dict) or the model's parameters; config.json is removed first, written last: no half a model."""
-    cfg, reward = model.config, isinstance(model, RewardModel)
-    whole, state = model.state_dict() if whole is None else whole, {}
-    for ours, _ in model.named_parameters():  # a tied lm_head is not listed (HF does not store it either)
-        param = whole[ours]
+    """Write model.safetensors + config.json into the folder `path` in the HF layout, from `whole`
+    (a sharded model's gathered state dict) or the model's parameters; config.json is removed first,
+    written last: no half a model."""
+    cfg = model.config
+    reward = isinstance(model, RewardModel)
+    whole = model.state_dict() if whole is None else whole
+    kv = cfg.n_kv_head * cfg.head_dim
+
+    state = {}
+    for ours, _ in model.named_parameters():  # a tied lm_head is not listed (nor stored by HF)
+        param = whole[ours].detach()
         if not torch.isfinite(param).all():
             raise FloatingPointError(f"{path}: not saved, tensor {ours} holds NaN or inf")
         ours = ours.removeprefix("body.")
         theirs, transposed = hf_names(cfg, ours)
-        kv = cfg.n_kv_head * cfg.head_dim
-        parts = param.detach().split([cfg.n_head * cfg.head_dim, kv, kv]) if len(theirs) == 3 else [param.detach()]
+        parts = param.split([cfg.n_head * cfg.head_dim, kv, kv]) if len(theirs) == 3 else [param]
         for name, part in zip(theirs, parts):
             prefix = "" if name in HEADS else PREFIXES[cfg.model_type]
             state[prefix + name] = (part.t() if transposed else part).contiguous().cpu()
+
     cls = {"gpt2": "GPT2", "opt": "OPT", "llama": "Llama", "qwen2": "Qwen2"}[cfg.model_type]
-    hf = dict(cfg.hf, dtype=str(next(iter(state.values())).dtype).replace("torch.", ""), model_type=cfg.model_type,
-              architectures=[cls + ("ForSequenceClassification" if reward else "ForCausalLM")])
+    head = "ForSequenceClassification" if reward else "ForCausalLM"
+    dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
+    hf = dict(cfg.hf, dtype=dtype, model_type=cfg.model_type, architectures=[cls + head])
     hf.pop("torch_dtype", None)
     if reward:
         hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+
     os.makedirs(path, exist_ok=True)
-    if os.path.exists(os.path.join(path, "config.json")):
-        os.remove(os.path.join(path, "config.json"))
-    atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(os.path.join(path, "config.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf, indent=2)))
+    config_file = os.path.join(path, "config.json")
+    if os.path.exists(config_file):
+        os.remove(config_file)
+    atomic_write(os.path.join(path, "model.safetensors"),
+                 lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(config_file, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf, indent=2)))
 
 def load_tokenizer(path):
-    """A tokenizers.Tokenizer from tokenizer.json, or from vocab.json + merges.txt (GPT-2/OPT folders), with the
-    special ids the checkpoint declares as tok.bos_id, tok.eos_id, tok.pad_id (pad falls back to eos)."""
+    """A tokenizers.Tokenizer from tokenizer.json, or from vocab.json + merges.txt (GPT-2 / OPT
+    folders), with the special ids the checkpoint declares as tok.bos_id, tok.eos_id, tok.pad_id
+    (pad falls back to eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     file = os.path.join(path, "tokenizer.json")
+    merges = os.path.join(path, "merges.txt")
     if os.path.exists(file):
         try:
             tok = Tokenizer.from_file(file)
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
             raise ValueError(f"{file}: not a readable tokenizer ({e})") from None
-    elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt")):
+    elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(merges):
         file = os.path.join(path, "vocab.json")
-        tok = Tokenizer(models.BPE.from_file(file, os.path.join(path, "merges.txt")))
+        tok = Tokenizer(models.BPE.from_file(file, merges))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
     else:
         raise FileNotFoundError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
     tok.file = file  # named in messages
+
     meta = {}
-    for name in ("config.json", "special_tokens_map.json", "tokenizer_config.json"):  # later files win
+    for name in ("config.json", "special_tokens_map.json", "tokenizer_config.json"):  # later win
         if os.path.exists(os.path.join(path, name)):
             meta.update(read_json(os.path.join(path, name)))
     ids = {}
@@ -529,68 +672,87 @@ def load_tokenizer(path):
         if ids[kind] is None:
             value = meta.get(f"{kind}_token_id")
             ids[kind] = value[0] if isinstance(value, list) else value
-    tok.bos_id, tok.eos_id, tok.pad_id = ids["bos"], ids["eos"], ids["pad"] if ids["pad"] is not None else ids["eos"]
+    tok.bos_id = ids["bos"]
+    tok.eos_id = ids["eos"]
+    tok.pad_id = ids["pad"] if ids["pad"] is not None else ids["eos"]
+
     if meta.get("add_bos_token") and tok.bos_id is not None and tok.post_processor is None:
         bos = tok.id_to_token(tok.bos_id)
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                           special_tokens=[(bos, tok.bos_id)])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.bos_id)])
     return tok
 
 def check_fits(model_path, cfg, tok, length, what):
-    """Fail before any work where the model cannot embed its input: token ids or (GPT-2, OPT) `length` positions."""
+    """Fail before any work where the model cannot embed its input: token ids or (GPT-2, OPT)
+    `length` positions."""
     if tok.get_vocab_size() > cfg.vocab_size:
-        raise ValueError(f"{getattr(tok, 'file', 'the tokenizer')} has {tok.get_vocab_size()} tokens, more than the "
-                         f"vocab_size {cfg.vocab_size} of {os.path.join(model_path, 'config.json')}")
+        config_file = os.path.join(model_path, "config.json")
+        raise ValueError(f"{getattr(tok, 'file', 'the tokenizer')} has {tok.get_vocab_size()} "
+                         f"tokens, more than the vocab_size {cfg.vocab_size} of {config_file}")
     if not cfg.rope and length > cfg.max_pos:
         raise ValueError(f"{what} exceed {model_path}'s max_position_embeddings {cfg.max_pos}")
 
+# ----------------------------------------------------------------------------------- Generation
+
+def sample_next(logits, temperature, top_p, generator):
+    """The next token of each row from logits [B, V]: greedy when temperature is 0, else
+    temperature / top-p (nucleus) sampling with `generator` -> [B] long."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, dim=-1)  # [B, V]
+    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=1.0, generator=None):
-    """Batched generation with a preallocated KV cache (gpt-fast style). prompts: token-id lists, left-padded here
-    into one batch. Greedy when temperature is 0, else temperature / top-p (nucleus) sampling with `generator`.
+def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=1.0,
+             generator=None):
+    """Batched generation with a preallocated KV cache (gpt-fast style). prompts: token-id lists,
+    left-padded here into one batch. Greedy when temperature is 0, else sampled (sample_next).
     A row stops at eos_id. Returns the new tokens of each row, the EOS excluded."""
-    cfg, device = model.config, next(model.parameters()).device
+    cfg = model.config
+    param = next(model.parameters())
+    device = param.device
     B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)  # [B, P], left-padded
     mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, P - len(p):] = torch.tensor(p, device=device)
         mask[i, P - len(p):P] = 1
-    dtype = next(model.parameters()).dtype
     shape = (B, cfg.n_kv_head, P + max_new_tokens, cfg.head_dim)
-    cache = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-             for _ in range(cfg.n_layer)]
+    cache = [(torch.zeros(shape, dtype=param.dtype, device=device),
+              torch.zeros(shape, dtype=param.dtype, device=device)) for _ in range(cfg.n_layer)]
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    # project only the last position: [B, P, V] logits of a long prompt at a 150k vocabulary would not fit
-    logits = model.lm_head(model(ids, mask[:, :P], return_hidden=True, cache=cache, start=0)[:, -1])
+
+    # the prompt: project only the last position ([B, P, V] logits at a 150k vocabulary would not fit)
+    hidden = model(ids, mask[:, :P], return_hidden=True, cache=cache, start=0)  # [B, P, d']
+    logits = model.lm_head(hidden[:, -1])  # [B, V]
+
     for t in range(max_new_tokens):
-        logits = logits.float()
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = F.softmax(logits / temperature, dim=-1)
-            if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-                sorted_p, order = probs.sort(dim=-1, descending=True)
-                drop = sorted_p.cumsum(-1) - sorted_p > top_p
-                probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        nxt = nxt.masked_fill(done, pad_id)
-        out[:, t] = nxt
-        done |= nxt == eos_id
+        token = sample_next(logits, temperature, top_p, generator).masked_fill(done, pad_id)
+        out[:, t] = token
+        done |= token == eos_id
         if done.all():
             break
         mask[:, P + t] = 1
-        logits = model(nxt[:, None], mask[:, :P + t + 1], cache=cache, start=P + t)[:, -1]
+        logits = model(token[:, None], mask[:, :P + t + 1], cache=cache, start=P + t)[:, -1]
+
     return [row[:row.index(eos_id)] if eos_id in row else row[:t + 1] for row in out.tolist()]
 
-def generate_answers(model, tok, prompt_ids, max_new_tokens=64, temperature=0.0, seed=0, batch_size=256):
-    """Decoded answers of `model` to each prompt (token-id lists, e.g. data.encode_prompt's), greedy by default."""
+def generate_answers(model, tok, prompt_ids, max_new_tokens=64, temperature=0.0, seed=0,
+                     batch_size=256):
+    """Decoded answers of `model` to each prompt (token-id lists, e.g. data.encode_prompt's),
+    greedy by default."""
     model.eval()
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     answers = []
     for start in range(0, len(prompt_ids), batch_size):
-        new = generate(model, prompt_ids[start:start + batch_size], max_new_tokens, tok.eos_id, tok.pad_id,
-                       temperature=temperature, generator=generator)
+        new = generate(model, prompt_ids[start:start + batch_size], max_new_tokens, tok.eos_id,
+                       tok.pad_id, temperature=temperature, generator=generator)
         answers += [tok.decode(a) for a in new]
     return answers

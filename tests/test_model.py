@@ -398,7 +398,7 @@ def packed_pairs():
 
 def test_flex_attention_block_mask_and_cpu_masks_follow_the_rule():
     """The CUDA path (a FlexAttention block mask over the row) and the CPU path (one SDPA mask per example, from
-    GPT.positions_and_mask) against the rule `visible` as one dense [T, T] mask, on CPU with eager FlexAttention."""
+    GPT.packed_mask) against the rule `visible` as one dense [T, T] mask, on CPU with eager FlexAttention."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     import data
     from model import visible
@@ -414,7 +414,7 @@ def test_flex_attention_block_mask_and_cpu_masks_follow_the_rule():
     from model import GPT, config_from_hf
     llama = GPT(config_from_hf(dict(model_type="llama", hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
                                     intermediate_size=32, vocab_size=40)))
-    _, per_example, _ = llama.positions_and_mask(batch["input_ids"], None, 0, batch)
+    _, per_example = llama.packed_mask(batch["input_ids"], batch)
     assert torch.equal(torch.block_diag(*[m == 0 for m in per_example]), dense)  # each example's span alone
     assert not dense[9 + 4, 9] and dense[9 + 4, 8] and dense[9, 8]  # pair 0: rejected sees the prompt, not chosen
     assert dense[:9 + 4 + 6].sum() == 9 * 10 // 2 + 4 * 9 + 4 * 5 // 2 + 6 * 9 + 6 * 7 // 2  # prompt, chosen, rejected
