@@ -1,15 +1,16 @@
 """Gold Reward Accuracy of a checkpoint, and the main command: the built-in experiment (world.py).
 
-    python eval.py                 # 5 seeds, every method; --quick: a smaller run; --sweep: 10 / 20 / 30 % labels
+    python eval.py                 # 5 seeds, every method; --quick: a smaller run; --sweep: 10 / 20 / 30 %
     python eval.py --policy runs/cw-dpo --sft runs/sft --prompts heldout.jsonl --judge gold-rm/
 
-GRA (arXiv 2603.04968, Gold Reward Accuracy): for held-out prompts, a gold judge scores the aligned policy's answer and
-the SFT model's answer; GRA is the % of prompts where the aligned answer scores higher (ties count half).
-In the built-in world the judge is a program (world.gold_reward); here a reward checkpoint.
+GRA (arXiv 2603.04968, Gold Reward Accuracy): for held-out prompts, a gold judge scores the aligned
+policy's answer and the SFT model's answer; GRA is the % of prompts where the aligned answer scores
+higher (ties count half). In the built-in world the judge is a program (world.gold_reward); here a
+reward checkpoint.
 """
 import os
 
-# OpenMP threads that spin-wait make small CPU runs up to 3x slower and erratic; must be set before torch loads
+# OpenMP threads that spin-wait make small CPU runs up to 3x slower and erratic: set before torch loads
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 import data
+import formats
 import runs
 import world
 from cwpo import win_rate
@@ -26,10 +28,12 @@ from model import check_fits, config_from_hf, generate_answers, load_model, load
 
 @torch.no_grad()
 def judge_scores(judge_path, judge, judge_tok, prompts, answers, device, batch_size=32):
-    """Scores of a gold reward model (with its trained scalar head) for each prompt + answer, read with judge_tok."""
+    """Scores of a gold reward model (with its trained scalar head) for each prompt + answer, read
+    with judge_tok."""
     seqs = [data.encode_prompt_answer(judge_tok, p, a, 1024, 1024) for p, a in zip(prompts, answers)]
-    check_fits(judge_path, judge.config, judge_tok, max(len(s["prompt_ids"] + s["answer_ids"]) for s in seqs),
-               "the prompts + answers it reads")
+    longest = max(len(s["prompt_ids"] + s["answer_ids"]) for s in seqs)
+    check_fits(judge_path, judge.config, judge_tok, longest, "the prompts + answers it reads")
+
     scores = []
     for chunk in data.iterate_batches(seqs, batch_size):
         batch = {k: v.to(device) for k, v in data.collate(chunk).items()}
@@ -41,34 +45,51 @@ def main(args):
         return world.experiment(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(args.policy)
-    prompts = sorted({p["prompt"] for p in data.load_pairs(args.prompts)})[:args.eval_prompts]
+    pairs = formats.load_pairs(args.prompts)
+    prompts = sorted({p["prompt"] for p in pairs})[:args.eval_prompts]
     prompt_ids = [data.encode_prompt(tok, p, 256) for p in prompts]
-    judge = load_model(args.judge, dtype=torch.float32, device=device, reward=True, trained_head=True).eval()
-    has_tokenizer = any(os.path.exists(os.path.join(args.judge, f)) for f in ("tokenizer.json", "vocab.json"))
-    judge_tok = load_tokenizer(args.judge) if has_tokenizer else tok  # a judge may read text with its own tokenizer
-    for path in (args.policy, args.sft):  # checked before generation; the judge's again on the answers, in judge_scores
-        check_fits(path, config_from_hf(read_json(os.path.join(path, "config.json"))), tok,
-                   max(map(len, prompt_ids)) + args.max_new_tokens, "the prompts + --max-new-tokens")
-    check_fits(args.judge, judge.config, judge_tok, max(len(judge_tok.encode(p).ids) for p in prompts)
-               + args.max_new_tokens + 1, "the prompts + --max-new-tokens + EOS")
-    answers = {name: generate_answers(load_model(path, device=device), tok, prompt_ids, args.max_new_tokens)
-               for name, path in (("policy", args.policy), ("sft", args.sft))}
-    scores = {name: judge_scores(args.judge, judge, judge_tok, prompts, a, device) for name, a in answers.items()}
-    result = dict(win_rate(scores["policy"], scores["sft"]), mean_reward=float(np.mean(scores["policy"])),
-                  prompts=len(prompts))
+
+    judge = load_model(args.judge, dtype=torch.float32, device=device, reward=True,
+                       trained_head=True).eval()
+    tokenizer_files = ("tokenizer.json", "vocab.json")
+    has_tokenizer = any(os.path.exists(os.path.join(args.judge, f)) for f in tokenizer_files)
+    judge_tok = load_tokenizer(args.judge) if has_tokenizer else tok  # a judge may have its own
+
+    # checked before generation; the judge's again on the answers, in judge_scores
+    longest = max(map(len, prompt_ids)) + args.max_new_tokens
+    for path in (args.policy, args.sft):
+        cfg = config_from_hf(read_json(os.path.join(path, "config.json")))
+        check_fits(path, cfg, tok, longest, "the prompts + --max-new-tokens")
+    judge_longest = max(len(judge_tok.encode(p).ids) for p in prompts) + args.max_new_tokens + 1
+    check_fits(args.judge, judge.config, judge_tok, judge_longest,
+               "the prompts + --max-new-tokens + EOS")
+
+    answers, scores = {}, {}
+    for name, path in (("policy", args.policy), ("sft", args.sft)):
+        answers[name] = generate_answers(load_model(path, device=device), tok, prompt_ids,
+                                         args.max_new_tokens)
+        scores[name] = judge_scores(args.judge, judge, judge_tok, prompts, answers[name], device)
+
+    result = win_rate(scores["policy"], scores["sft"])
+    result.update(mean_reward=float(np.mean(scores["policy"])), prompts=len(prompts))
     print(json.dumps(result))
 
 def parse_args(argv=None):
-    """The flags, checked before any work: an explicit flag wins over --quick, and --policy needs its three partners."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The flags, checked before any work: an explicit flag wins over --quick, and --policy needs its
+    three partners."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     world.add_args(p)  # the built-in experiment's flags
-    p.add_argument("--eval-prompts", type=runs.positive_int, default=300, help="prompts (--quick: 100)")
-    p.add_argument("--policy", help="GRA of this checkpoint against --sft, judged by --judge, on --prompts")
+    p.add_argument("--eval-prompts", type=runs.positive_int, default=300,
+                   help="prompts (--quick: 100)")
+    p.add_argument("--policy", help="GRA of this checkpoint against --sft, judged by --judge")
     p.add_argument("--sft")
     p.add_argument("--prompts", help="a pairs file whose prompts are evaluated")
     p.add_argument("--judge", help="gold reward checkpoint folder (with its trained score.weight)")
     p.add_argument("--max-new-tokens", type=runs.positive_int, default=128)
-    args = p.parse_args(argv, argparse.Namespace(**world.QUICK) if p.parse_known_args(argv)[0].quick else None)
+
+    quick = p.parse_known_args(argv)[0].quick
+    args = p.parse_args(argv, argparse.Namespace(**world.QUICK) if quick else None)
     given = [f"--{name}" for name in ("policy", "sft", "judge", "prompts") if getattr(args, name)]
     if given and len(given) < 4:
         p.error(f"--policy, --sft, --judge and --prompts go together; given only {', '.join(given)}")

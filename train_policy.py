@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 import cwpo
 import data
+import formats
 import runs
 from model import LORA_MODULES, apply_lora, check_fits, load_model, load_tokenizer, merge_lora, save_model
 from runs import positive_float, positive_int
@@ -197,7 +198,7 @@ def main(args):
         raise ValueError(f"--batch-size {args.batch_size} is smaller than the {world_size} ranks: each needs a pair")
     tok = load_tokenizer(args.model)
     model = load_trainable(args, tok, device)
-    examples = encode_examples(tok, data.load_pairs(args.data, args.format, skip_bad=args.skip_bad), args)
+    examples = encode_examples(tok, formats.load_pairs(args.data, args.format, skip_bad=args.skip_bad), args)
     if rank == 0:
         runs.claim(args.out, OUTPUTS, args)
         print(f"{len(examples)} examples from {args.data}; model {args.model} on {device}")
@@ -238,7 +239,7 @@ def add_training_args(p):
     count = lambda text: positive_int(text, 0)  # noqa: E731
     p.add_argument("--model", required=True, help="starting checkpoint folder (a policy's is also its reference)")
     p.add_argument("--data", required=True, help="pairs file (.jsonl[.gz] / .parquet): HH-RLHF, TL;DR, UltraFeedback")
-    p.add_argument("--format", default="auto", help="data format for data.load_pairs (hh, tldr, ufb, pairs)")
+    p.add_argument("--format", default="auto", help="data format for formats.load_pairs (hh, tldr, ufb, pairs)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--epochs", type=positive_int, default=1)

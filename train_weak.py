@@ -19,6 +19,7 @@ import torch
 
 import cwpo
 import data
+import formats
 import runs
 import train_policy
 from model import load_tokenizer, merge_lora, save_model
@@ -99,7 +100,7 @@ def main(args):
     _, _, device = runs.distributed()
     torch.manual_seed(args.seed)
     eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # a count, or a fraction of all pairs
-    pairs = data.load_pairs(args.data, args.format, skip_bad=args.skip_bad)
+    pairs = formats.load_pairs(args.data, args.format, skip_bad=args.skip_bad)
     labeled, unlabeled, heldout = data.split_pairs(pairs, args.labeled_fraction, eval_size, args.seed)
     print(f"{len(pairs)} pairs: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(heldout)} held out")
     if not labeled or not unlabeled:
@@ -110,7 +111,7 @@ def main(args):
     to_label = unlabeled  # or pairs that never had a label: answer_a / answer_b stand in for chosen / rejected
     if args.unlabeled:
         to_label = [{"prompt": p["prompt"], "chosen": p["answer_a"], "rejected": p["answer_b"]}
-                    for p in data.load_pairs(args.unlabeled, "unlabeled", skip_bad=args.skip_bad)]
+                    for p in formats.load_pairs(args.unlabeled, "unlabeled", skip_bad=args.skip_bad)]
     runs.claim(args.out, OUTPUTS, args)
     rm, tok = train_annotator(labeled, args, device)
     # without held-out pairs the report is on the unlabeled pairs' hidden human labels: one scoring pass serves both

@@ -22,6 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import data
+import formats
 import runs
 import train_policy
 import train_weak
@@ -79,7 +80,7 @@ def world_prompts(n, seed):
     for _ in range(n):
         words = [rng.choice(ASK).format(rng.choice(CATEGORIES)), rng.choice(LIKE).format(rng.choice(TASTES))]
         words += ["Please keep it short."] if rng.random() < 0.3 else []
-        prompts.append("\n\nHuman: " + " ".join(words) + data.ASSISTANT)
+        prompts.append("\n\nHuman: " + " ".join(words) + formats.ASSISTANT)
     return prompts
 
 def world_answer(prompt, rng, care=None):

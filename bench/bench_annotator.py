@@ -29,12 +29,12 @@ def child(args):
     """Runs inside --root's checkout: its train_weak, train_policy, data, model."""
     sys.path.insert(0, args._root)
     import torch
-    import data
+    import formats
     import train_weak
     from model import load_model, load_tokenizer
 
     torch.set_num_threads(2)
-    pairs = random.Random(0).sample(data.load_pairs(args.data), args.score_pairs + 8 * args.train_steps)
+    pairs = random.Random(0).sample(formats.load_pairs(args.data), args.score_pairs + 8 * args.train_steps)
     scored, labeled = pairs[:args.score_pairs], pairs[args.score_pairs:]
     work = tempfile.mkdtemp(prefix="bench_annotator.")
     opts = train_weak.parser().parse_args(

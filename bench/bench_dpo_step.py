@@ -320,12 +320,13 @@ def make_hh_pairs(args):
 
     sys.path.insert(0, REPO_ROOT)
     import data
+    import formats
     from model import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     if tok.eos_id != EOS_ID:
         raise SystemExit(f"{args.tokenizer}: EOS id {tok.eos_id}, the bench needs {EOS_ID} (SmolLM2's)")
-    pairs = random.Random(args.seed).sample(data.load_pairs(args.data), args.hh_pairs)
+    pairs = random.Random(args.seed).sample(formats.load_pairs(args.data), args.hh_pairs)
     encoded = [data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len, args.max_answer_len)
                for p in pairs]
     for ex in encoded:

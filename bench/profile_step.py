@@ -33,11 +33,12 @@ def main(args):
     sys.path.insert(0, REPO_ROOT)
     import cwpo
     import data
+    import formats
     from model import GPT, Config, load_tokenizer
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.tokenizer)
-    pairs = random.Random(args.seed).sample(data.load_pairs(args.data), args.pairs * args.batches)
+    pairs = random.Random(args.seed).sample(formats.load_pairs(args.data), args.pairs * args.batches)
     examples = [dict(data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], 256, 128), weight=1.0)
                 for p in pairs]
     cfg = Config(model_type="llama", vocab_size=49152, d_model=576, n_layer=30, n_head=9, n_kv_head=3, head_dim=64,

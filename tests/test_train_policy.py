@@ -94,11 +94,11 @@ def test_resume_continues_the_same_run(tiny_world, tmp_path):
 
 
 def train_policy_main(args, log):
-    import data
+    import formats
     from model import load_model, load_tokenizer, save_model
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=torch.float32)
-    examples = train_policy.encode_examples(tok, data.load_pairs(args.data), args)
+    examples = train_policy.encode_examples(tok, formats.load_pairs(args.data), args)
     train_policy.add_reference_logps(model, examples, 8, torch.device("cpu"))
     train_policy.train(model, examples, args, train_policy.preference_objective, log=log)
     save_model(model, args.out)

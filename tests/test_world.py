@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import formats
 import runs
 import world
 from tools import figures
@@ -56,7 +56,7 @@ def test_world_prompts_are_seeded_hh_transcripts_the_loader_reads(tmp_path):
                for p in prompts)
     rng = random.Random(0)
     records = [{"chosen": p + world.world_answer(p, rng), "rejected": p + " Whatever."} for p in prompts]
-    loaded = data.load_pairs(write_records(tmp_path / "world.jsonl", records))
+    loaded = formats.load_pairs(write_records(tmp_path / "world.jsonl", records))
     assert [r["prompt"] for r in loaded] == prompts and all(r["rejected"] == " Whatever." for r in loaded)
 
 

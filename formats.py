@@ -1,0 +1,147 @@
+"""The preference-data files cwpo reads: Anthropic HH-RLHF transcripts, OpenAI TL;DR comparisons,
+UltraFeedback-style pairs (answers as strings or chat-message lists), plain pairs and unlabeled pairs,
+from .jsonl, .jsonl.gz or .parquet. Not the method: data.py takes the pairs from here.
+
+    pairs = load_pairs("hh-rlhf/harmless-base/test.jsonl.gz")   # [{"prompt", "chosen", "rejected"}]
+"""
+import gzip
+import json
+import os
+import sys
+
+ASSISTANT = "\n\nAssistant:"
+
+def _field(record, key, kind=str, name=None):
+    """record[key], checked to be of type `kind`; a ValueError naming the key otherwise."""
+    name = name or key
+    if not isinstance(record, dict) or key not in record:
+        raise ValueError(f"missing key {name!r}")
+    value = record[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ValueError(f"key {name!r} has type {type(value).__name__}")
+    return value
+
+def _numeric_extras(record, used):
+    """Numbers riding along a pair (e.g. the confidence train_weak.py writes), kept as they are; a confidence must
+    be a number in [0, 1]."""
+    if "confidence" in record and not (type(record["confidence"]) in (int, float) and 0 <= record["confidence"] <= 1):
+        raise ValueError(f"key 'confidence' must be a number in [0, 1], got {record['confidence']!r}")
+    return {k: v for k, v in record.items() if k not in used and type(v) in (int, float)}
+
+def _hh(record):
+    """Anthropic HH-RLHF: two transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...". The prompt is their longest shared
+    prefix cut after its last "\\n\\nAssistant:", the answers what follows (leading space kept: " I'm sorry...").
+    That is the chosen transcript up to its last "\\n\\nAssistant:" when both end in the same final turn; when they
+    do not (5 of the 2,312 records of harmless-base test), both answers still reply to the same prompt."""
+    chosen, rejected = _field(record, "chosen"), _field(record, "rejected")
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if ASSISTANT not in text:
+            raise ValueError(f"key {key!r}: an HH-RLHF transcript needs '\\n\\nAssistant:' (a record of prompt / "
+                             "chosen / rejected needs the key 'prompt')")
+    shared = os.path.commonprefix([chosen, rejected])
+    if ASSISTANT not in shared:
+        raise ValueError("keys 'chosen' and 'rejected' share no prompt ending in '\\n\\nAssistant:'")
+    prompt = shared[: shared.rindex(ASSISTANT) + len(ASSISTANT)]
+    return {"prompt": prompt, "chosen": chosen[len(prompt):], "rejected": rejected[len(prompt):]}
+
+def _tldr(record):
+    """OpenAI TL;DR comparisons: a Reddit post, two summaries and the index of the preferred one."""
+    info, summaries, choice = (_field(record, k, t) for k, t in (("info", dict), ("summaries", list), ("choice", int)))
+    if len(summaries) != 2 or choice not in (0, 1):
+        raise ValueError("key 'summaries' must hold 2 summaries and key 'choice' be 0 or 1")
+    texts = [" " + _field(s, "text", name=f"summaries[{i}].text").strip() for i, s in enumerate(summaries)]
+    prompt = (f"SUBREDDIT: r/{_field(info, 'subreddit', name='info.subreddit')}\n"
+              f"TITLE: {_field(info, 'title', name='info.title')}\n"
+              f"POST: {_field(info, 'post', name='info.post')}\nTL;DR:")
+    return {"prompt": prompt, "chosen": texts[choice], "rejected": texts[1 - choice]}
+
+def _answer_text(record, key):
+    """record[key] as (answer, the chat messages before it); a chat-message list must end in the assistant's answer."""
+    value = _field(record, key, (str, list))
+    if isinstance(value, str):
+        return value, []
+    last = value[-1] if value and all(isinstance(m, dict) for m in value) else {}
+    if last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+        raise ValueError(f"key {key!r}: a chat-message list must end in an assistant message with string content")
+    return last["content"], value[:-1]
+
+def _pairs(record):
+    """{"prompt", "chosen", "rejected"}; UltraFeedback-binarized style answers may be chat-message lists. Without
+    a "prompt" key the prompt is the content of the messages before the final assistant message."""
+    (chosen, history), (rejected, _) = _answer_text(record, "chosen"), _answer_text(record, "rejected")
+    if "prompt" in record or not history:
+        prompt = _field(record, "prompt")
+    else:
+        prompt = "\n\n".join(_field(m, "content", name="chosen[].content") for m in history)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            **_numeric_extras(record, ("prompt", "chosen", "rejected"))}
+
+def _unlabeled(record):
+    """{"prompt", "answer_a", "answer_b"}: a pair without a label."""
+    keys = ("prompt", "answer_a", "answer_b")
+    return {**{k: _field(record, k) for k in keys}, **_numeric_extras(record, keys)}
+
+PARSERS = {"hh": _hh, "tldr": _tldr, "ufb": _pairs, "pairs": _pairs, "unlabeled": _unlabeled}
+
+def detect_format(record):
+    """The format of a record, told from its keys."""
+    keys = set(record)
+    if {"info", "summaries", "choice"} <= keys:
+        return "tldr"
+    if {"answer_a", "answer_b"} <= keys:
+        return "unlabeled"
+    if {"chosen", "rejected"} <= keys:
+        return "hh" if "prompt" not in keys and isinstance(record["chosen"], str) else "pairs"
+    raise ValueError(f"cannot tell the format from keys {sorted(keys)}; pass fmt= one of {tuple(PARSERS)}")
+
+def load_pairs(path, fmt="auto", skip_bad=False):
+    """Read preference pairs from a .jsonl, .jsonl.gz or .parquet file: a list of {"prompt", "chosen", "rejected"}
+    dicts ({"prompt", "answer_a", "answer_b"} for fmt="unlabeled"). fmt "auto" takes the format of the first record.
+    A malformed record raises ValueError naming the file, the 1-based line (or row) and the key; with skip_bad=True
+    it is skipped instead and one line on stderr says how many were. Blank lines are not records."""
+    if fmt != "auto" and fmt not in PARSERS:
+        raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {tuple(PARSERS)}")
+    parquet = str(path).endswith(".parquet")
+    opener = gzip.open if str(path).endswith(".gz") else open
+    pairs, n_bad, first_bad, unit = [], 0, None, "row" if parquet else "line"
+    with opener(path, "rb") as f:
+        for lineno, line in _parquet_rows(f, path) if parquet else _lines(f, path):
+            if not parquet and not line.strip():
+                continue
+            try:  # bad JSON and bad UTF-8 are ValueErrors too
+                record = line if parquet else json.loads(line.decode("utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError("a record must be a JSON object")
+                if fmt == "auto":
+                    fmt = detect_format(record)
+                pairs.append(PARSERS[fmt](record))
+            except ValueError as e:
+                if not skip_bad:
+                    raise ValueError(f"{path}, {unit} {lineno}: {e}") from None
+                n_bad += 1
+                first_bad = first_bad or f"{unit} {lineno}: {e}"
+    if n_bad:
+        print(f"load_pairs: skipped {n_bad} malformed record(s) in {path} (first: {first_bad})", file=sys.stderr)
+    if not pairs:
+        raise ValueError(f"{path}: no records" + (f" ({n_bad} malformed skipped)" if n_bad else ""))
+    n_same = sum(p.get("chosen", 0) == p.get("rejected", 1) for p in pairs)
+    if n_same:  # no gradient: DPO trains them at a constant log 2
+        print(f"load_pairs: {n_same} pair(s) in {path} have identical chosen and rejected answers", file=sys.stderr)
+    return pairs
+
+def _parquet_rows(f, path):
+    """(1-based row number, row dict) of an open parquet file (as UltraFeedback-binarized is), by optional pyarrow."""
+    try:
+        import pyarrow.parquet
+        return enumerate(pyarrow.parquet.read_table(f).to_pylist(), 1)
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs the package pyarrow (pip install pyarrow)") from None
+    except pyarrow.ArrowException as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+
+def _lines(f, path):
+    """(1-based line number, line) of an open file; a truncated or corrupt .gz raises a ValueError naming it."""
+    try:
+        yield from enumerate(f, 1)
+    except (EOFError, OSError) as e:  # gzip's EOFError, BadGzipFile
+        raise ValueError(f"{path}: unreadable ({e})") from None
