@@ -25,7 +25,8 @@ import cwpo
 import data
 import formats
 import runs
-from model import LORA_MODULES, apply_lora, check_fits, load_model, load_tokenizer, merge_lora, save_model
+from lora import LORA_MODULES, apply_lora, merge_lora
+from model import check_fits, load_model, load_tokenizer, save_model
 from runs import positive_float, positive_int
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")

@@ -22,7 +22,8 @@ import data
 import formats
 import runs
 import train_policy
-from model import load_tokenizer, merge_lora, save_model
+from lora import merge_lora
+from model import load_tokenizer, save_model
 from runs import atomic_write
 
 OUTPUTS = ("model.safetensors", "config.json", "splits", "weak_labels.jsonl", "report.json", "log.jsonl")

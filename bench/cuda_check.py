@@ -185,6 +185,7 @@ def check_lora_7b(device, small):
     """One LoRA DPO step at Qwen2.5-7B's shape (random weights, never saved): peak memory beside the estimate."""
     import runs
     import train_policy
+    from lora import apply_lora
     hf = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
               num_key_value_heads=4, intermediate_size=18944, max_position_embeddings=32768, rms_norm_eps=1e-6,
               tie_word_embeddings=False, hidden_act="silu")
@@ -193,16 +194,13 @@ def check_lora_7b(device, small):
         hf.update(vocab_size=4096, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=512)
         prompt_len, answer_len = 64, 32
-    if not hasattr(M, "apply_lora"):
-        report("lora-7b", False, "model.apply_lora is missing", "LoRA merged")
-        return
     torch.manual_seed(0)
     with torch.device("meta"):
         policy = M.GPT(M.config_from_hf(hf))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     policy = policy.to_empty(device=device).to(dtype)
     policy.init_weights()
-    M.apply_lora(policy, rank=16, alpha=32, modules=("qkv", "o", "gate", "up", "down"))
+    apply_lora(policy, rank=16, alpha=32, modules=("qkv", "o", "gate", "up", "down"))
     policy.grad_checkpointing = True
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")

@@ -7,8 +7,8 @@ import torch
 import transformers as T
 from safetensors.torch import load_file, save_file
 
-from model import (LORA_MODULES, PREFIXES, LoRALinear, apply_lora, generate, hf_names, load_model, load_tokenizer,
-                   merge_lora, save_model)
+from lora import LORA_MODULES, LoRALinear, apply_lora, merge_lora
+from model import PREFIXES, generate, hf_names, load_model, load_tokenizer, save_model
 
 V = 97
 SPECIAL = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)

@@ -505,7 +505,8 @@ def test_memory_estimate_activations_are_what_autograd_saves(hf):
 
 def test_one_lora_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_world, tmp_path, monkeypatch):
     import cwpo
-    from model import LORA_MODULES, load_model
+    from lora import LORA_MODULES
+    from model import load_model
     data, pairs, tok, reference = one_step_world(tiny_world)
     beta, lr, max_norm, rank, alpha, modules = 0.5, 1e-3, 1e-6, 2, 6.0, ("qkv", "down", "o")
     args = train_policy.parser().parse_args([
