@@ -306,8 +306,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "simpo", "cpo", "orpo")
 NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "sft", "simpo", "cpo", "orpo")
 # f-DPO keeps its meaning where the reward enters as the difference delta (TRL raises elsewhere)
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
-                       "discopop", "sft")
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 def preference_loss(loss_type, chosen_logps, rejected_logps, ref_chosen_logps=None,
                     ref_rejected_logps=None, beta=0.1, chosen_n_tokens=None,
@@ -355,13 +354,11 @@ def preference_loss(loss_type, chosen_logps, rejected_logps, ref_chosen_logps=No
 
     # the log-ratios u = log pi - log pi_ref and their f-divergence scores s(u)
     ref_chosen = torch.zeros_like(chosen_logps) if ref_chosen_logps is None else ref_chosen_logps
-    ref_rejected = (torch.zeros_like(rejected_logps) if ref_rejected_logps is None
-                    else ref_rejected_logps)
+    ref_rejected = torch.zeros_like(rejected_logps) if ref_rejected_logps is None else ref_rejected_logps
     chosen_logratios = chosen_logps - ref_chosen
     rejected_logratios = rejected_logps - ref_rejected
     chosen_scores = f_divergence_score(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
-    rejected_scores = f_divergence_score(rejected_logratios, f_divergence_type,
-                                         f_alpha_divergence_coef)
+    rejected_scores = f_divergence_score(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
     delta = chosen_scores - rejected_scores
 
     # losses of delta
@@ -393,8 +390,7 @@ def preference_loss(loss_type, chosen_logps, rejected_logps, ref_chosen_logps=No
 
     # losses that sort pairs against each other
     if loss_type == "aot":
-        return aot_loss(chosen_logps - rejected_logps, ref_chosen - ref_rejected, beta,
-                        label_smoothing)
+        return aot_loss(chosen_logps - rejected_logps, ref_chosen - ref_rejected, beta, label_smoothing)
     if loss_type == "aot_unpaired":
         return aot_loss(chosen_logratios, rejected_logratios, beta, label_smoothing)
     raise ValueError(f"loss type {loss_type!r} has no branch here")  # every LOSS_TYPES name has one
@@ -440,8 +436,7 @@ def sequence_logps(model, batch, chunk_size=DEFAULT_CHUNK_SIZE, ld_alpha=None, w
     if wpo:
         log_sum_sq = token_log_sum_sq_probs(hidden.detach(), lm_head.weight.detach(), lm_head.bias,
                                             chunk_size)  # [N]
-        log_ratio = per_token.new_zeros(n_answers).index_add(0, answer,
-                                                             per_token.detach() - log_sum_sq)
+        log_ratio = per_token.new_zeros(n_answers).index_add(0, answer, per_token.detach() - log_sum_sq)
         out["wpo_weights"] = torch.exp(log_ratio / n_tokens.clamp(min=1))
     return out
 
@@ -581,8 +576,7 @@ def token_logps(hidden, weight, targets, bias=None, chunk_size=DEFAULT_CHUNK_SIZ
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     if hidden.dtype != weight.dtype:
-        raise ValueError(f"token_logps: hidden is {hidden.dtype} but the LM head weight is "
-                         f"{weight.dtype}")
+        raise ValueError(f"token_logps: hidden is {hidden.dtype} but the LM head weight is {weight.dtype}")
     with torch.autocast(device_type, enabled=False):
         return FusedLogProbs.apply(hidden, weight, bias, targets, chunk_size)
 

@@ -79,8 +79,8 @@ def collate(examples):
       score_answer [N] long  its answer
       last_index   [A] long  index of each answer's last token (the reward model reads it)
     With input_ids, position_ids, segment_ids, branch_ids [1, T] long and weight [B] float: each
-    example's "weight", else 1. An answer's first token has no predictor, and is not scored, after
-    an empty prompt.
+    example's "weight", else 1; ref_chosen_logps, ref_rejected_logps [B] float when the examples
+    carry them. An answer's first token has no predictor, and is not scored, after an empty prompt.
     """
     keys = ("chosen_ids", "rejected_ids") if "chosen_ids" in examples[0] else ("answer_ids",)
     row = {name: [] for name in ("input_ids", "position_ids", "segment_ids", "branch_ids")}
@@ -109,7 +109,9 @@ def collate(examples):
     flat = [(index, target, a) for a, tokens in enumerate(scored) for index, target in tokens]
     score_index, score_target, score_answer = zip(*flat) if flat else ((), (), ())
     weights = [example.get("weight", 1.0) for example in examples]
-    return {**{name: torch.tensor([values]) for name, values in row.items()},
+    references = {key: torch.tensor([example[key] for example in examples])
+                  for key in ("ref_chosen_logps", "ref_rejected_logps") if key in examples[0]}
+    return {**{name: torch.tensor([values]) for name, values in row.items()}, **references,
             "score_index": torch.tensor(score_index, dtype=torch.long),
             "score_target": torch.tensor(score_target, dtype=torch.long),
             "score_answer": torch.tensor(score_answer, dtype=torch.long),

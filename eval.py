@@ -61,8 +61,7 @@ def main(args):
         cfg = config_from_hf(read_json(os.path.join(path, "config.json")))
         check_fits(path, cfg, tok, longest, "the prompts + --max-new-tokens")
     judge_longest = max(len(judge_tok.encode(p).ids) for p in prompts) + args.max_new_tokens + 1
-    check_fits(args.judge, judge.config, judge_tok, judge_longest,
-               "the prompts + --max-new-tokens + EOS")
+    check_fits(args.judge, judge.config, judge_tok, judge_longest, "the prompts + --max-new-tokens + EOS")
 
     answers, scores = {}, {}
     for name, path in (("policy", args.policy), ("sft", args.sft)):
@@ -77,11 +76,9 @@ def main(args):
 def parse_args(argv=None):
     """The flags, checked before any work: an explicit flag wins over --quick, and --policy needs its
     three partners."""
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     world.add_args(p)  # the built-in experiment's flags
-    p.add_argument("--eval-prompts", type=runs.positive_int, default=300,
-                   help="prompts (--quick: 100)")
+    p.add_argument("--eval-prompts", type=runs.positive_int, default=300, help="prompts (--quick: 100)")
     p.add_argument("--policy", help="GRA of this checkpoint against --sft, judged by --judge")
     p.add_argument("--sft")
     p.add_argument("--prompts", help="a pairs file whose prompts are evaluated")

@@ -101,8 +101,7 @@ def config_from_hf(hf):
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"config.json: rope type {rope_type!r} is not supported "
-                             "(only 'default')")
+            raise ValueError(f"config.json: rope type {rope_type!r} is not supported (only 'default')")
         width, heads = hf["hidden_size"], hf["num_attention_heads"]
         bias = hf.get("attention_bias", False)
         return Config(d_model=width, n_layer=hf["num_hidden_layers"], n_head=heads,
@@ -114,8 +113,7 @@ def config_from_hf(hf):
                       qkv_bias=family == "qwen2" or bias, o_bias=bias,
                       mlp_bias=hf.get("mlp_bias", False), **common)
 
-    raise ValueError(f"config.json: unsupported model_type {family!r} "
-                     "(supported: gpt2, opt, qwen2, llama)")
+    raise ValueError(f"config.json: unsupported model_type {family!r} (supported: gpt2, opt, qwen2, llama)")
 
 # ----------------------------------------------------------------------------------- Layers
 
@@ -656,8 +654,7 @@ def sample_next(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=1.0,
-             generator=None):
+def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=1.0, generator=None):
     """Batched generation with a preallocated KV cache (gpt-fast style). prompts: token-id lists,
     left-padded here into one batch. Greedy when temperature is 0, else sampled (sample_next).
     A row stops at eos_id. Returns the new tokens of each row, the EOS excluded."""
@@ -692,8 +689,7 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, to
 
     return [row[:row.index(eos_id)] if eos_id in row else row[:t + 1] for row in out.tolist()]
 
-def generate_answers(model, tok, prompt_ids, max_new_tokens=64, temperature=0.0, seed=0,
-                     batch_size=256):
+def generate_answers(model, tok, prompt_ids, max_new_tokens=64, temperature=0.0, seed=0, batch_size=256):
     """Decoded answers of `model` to each prompt (token-id lists, e.g. data.encode_prompt's),
     greedy by default."""
     model.eval()

@@ -218,3 +218,22 @@ def memory_line(cfg, args, world_size, device, reward=False):
     return (f"memory per rank ({est['parameters'] / 1e6:.2f}M parameters, {est['trainable'] / 1e6:.2f}M trained, "
             f"{world_size} rank(s)): " + " + ".join(f"{k} {est[k] / 2**30:.2f}" for k in list(est)[:5]) +
             f" = {est['total'] / 2**30:.2f} GiB")
+
+def check_loss(args):
+    """Fail before any work where --loss and --loss-options would fail in training (an unknown name, a clash with a
+    flag, a bad value): compute the loss once on a dummy pair. Options of batch_loss itself are checked there."""
+    if not isinstance(args.loss_options, dict):
+        raise ValueError(f"--loss-options must be a JSON object, got {json.dumps(args.loss_options)}")
+    batch_only = {"loss_weights", "ld_alpha", "use_weighting", "chunk_size"}
+    options = {k: v for k, v in args.loss_options.items() if k not in batch_only}
+    one = torch.ones(1)
+    try:
+        cwpo.preference_loss(args.loss, -one, -one, -one, -one, args.beta, one, one, **options)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"--loss {args.loss} --loss-options {json.dumps(args.loss_options)}: {e}") from None
+
+
+def write_jsonl(path, records):
+    """records as JSON lines, atomically (atomic_write)."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))

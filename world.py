@@ -237,7 +237,7 @@ def train(model, tok, pairs, start, out, device, log, **options):
     examples = train_policy.encode_examples(tok, pairs, args)
     if args.objective == "preference":
         train_policy.add_reference_logps(model, examples, 256, device)
-    objective = train_policy.OBJECTIVES[args.objective]
+    objective = train_policy.objective_of(args)
     return train_policy.train(model, examples, args, objective, device=device, log=log), args
 
 def pretrain(path, tok, pairs, size, device, log):

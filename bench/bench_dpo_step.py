@@ -230,7 +230,7 @@ def run_ours(args, work):
     train_args = train_policy.parser().parse_args(argv)
     train_policy.add_reference_logps(policy, examples, args.pairs, device, bf16=train_args.bf16)
     rss_before = read_status_bytes("VmRSS")
-    train_policy.train(policy, examples, train_args, train_policy.preference_objective, device=device,
+    train_policy.train(policy, examples, train_args, train_policy.objective_of(train_args), device=device,
                        log=lambda *a: None)
     with open(os.path.join(out, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]

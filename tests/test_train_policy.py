@@ -100,7 +100,7 @@ def train_policy_main(args, log):
     model = load_model(args.model, dtype=torch.float32)
     examples = train_policy.encode_examples(tok, formats.load_pairs(args.data), args)
     train_policy.add_reference_logps(model, examples, 8, torch.device("cpu"))
-    train_policy.train(model, examples, args, train_policy.preference_objective, log=log)
+    train_policy.train(model, examples, args, train_policy.objective_of(args), log=log)
     save_model(model, args.out)
 
 
@@ -287,7 +287,7 @@ def test_one_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_world, t
         seen.update({id(p): p.grad.detach().clone() for p in params})
         return clip(params, limit, *a, **k)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
-    train_policy.train(policy, examples, args, train_policy.preference_objective, log=lambda msg: None)
+    train_policy.train(policy, examples, args, train_policy.objective_of(args), log=lambda msg: None)
     logged = json.loads(open(tmp_path / "log.jsonl").readline())
 
     # --- here: the batch in the pairs' own order, weights from CONFIDENCES, the loss written out
@@ -528,7 +528,7 @@ def test_one_lora_step_matches_weighted_dpo_and_adamw_from_the_formulas(tiny_wor
         seen.update({id(p): p.grad.detach().clone() for p in params})
         return clip(params, limit, *a, **k)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
-    train_policy.train(policy, examples, args, train_policy.preference_objective, log=lambda msg: None)
+    train_policy.train(policy, examples, args, train_policy.objective_of(args), log=lambda msg: None)
     logged = json.loads(open(tmp_path / "log.jsonl").readline())
 
     fresh = load_model(tiny_world["model"], dtype=torch.float32)  # the plain model: W, without any adapter
