@@ -58,14 +58,14 @@ class Config:
     mlp_bias: bool = False
     proj_dim: int = 0                  # OPT word_embed_proj_dim when != hidden_size
     qk_norm: bool = False              # Qwen3: each head's q and k RMS-normed before RoPE
-    sliding_window: int = 0            # a window some layers attend within (0: none); see check_fits
-    rope_params: dict = field(default_factory=dict, repr=False)  # rope_type, factor, ... (rope_inv_freq)
+    sliding_window: int = 0            # some layers attend within it (0: none); see check_fits
+    rope_params: dict = field(default_factory=dict, repr=False)  # rope_type, factor, ...
     dtype: str = "float32"
     hf: dict = field(default_factory=dict, repr=False)  # the config.json it came from, saved back
 
     @property
     def rope(self):
-        """Llama, Qwen2/3, Mistral: RoPE and RMSNorm; GPT-2 and OPT: learned positions and LayerNorm."""
+        """Llama, Qwen2/3, Mistral: RoPE and RMSNorm; GPT-2, OPT: learned positions, LayerNorm."""
         return self.model_type not in ("gpt2", "opt")
 
 def config_from_hf(hf):
@@ -109,10 +109,10 @@ def config_from_hf(hf):
                              "(only 'default', 'llama3', 'yarn')")
         width, heads = hf["hidden_size"], hf["num_attention_heads"]
         max_pos = hf.get("max_position_embeddings", 4096)
-        original = rope.get("original_max_position_embeddings", max_pos)  # transformers' order
-        rope["original_max_position_embeddings"] = hf.get("original_max_position_embeddings", original)
+        key = "original_max_position_embeddings"  # transformers' order: top level, rope, max_pos
+        rope[key] = hf.get(key, rope.get(key, max_pos))
         bias = hf.get("attention_bias", False) and family != "mistral"
-        slides = family == "mistral" or hf.get("use_sliding_window", False)  # Qwen: when switched on
+        slides = family == "mistral" or hf.get("use_sliding_window", False)  # Qwen: if switched on
         cfg = Config(d_model=width, n_layer=hf["num_hidden_layers"], n_head=heads,
                      n_kv_head=hf.get("num_key_value_heads") or heads,
                      head_dim=hf.get("head_dim") or width // heads,
@@ -394,9 +394,10 @@ def rope_inv_freq(cfg, device):
     """-> (inverse frequencies [hd / 2], attention factor) as transformers' modeling_rope_utils.
     default: f_i = theta^(-2i / hd). llama3 (_compute_llama3_parameters), L the original length:
     wavelengths 2 pi / f_i over L / low_freq_factor become f_i / factor, under L / high_freq_factor
-    stay, between blend by s = (L / wavelength - low) / (high - low). yarn (_compute_yarn_parameters):
-    (1 - e) f_i / factor + e f_i, e falling from 1 to 0 over the dimensions between those turning
-    beta_fast and beta_slow times in L positions; cos / sin times 0.1 ln(factor) + 1."""
+    stay, between blend by s = (L / wavelength - low) / (high - low).
+    yarn (_compute_yarn_parameters): (1 - e) f_i / factor + e f_i, e falling from 1 to 0 over the
+    dimensions between those turning beta_fast and beta_slow times in L positions; cos / sin times
+    0.1 ln(factor) + 1 (or DeepSeek's mscale ratio, or attention_factor)."""
     p, hd, theta = cfg.rope_params, cfg.head_dim, cfg.rope_theta
     pos_freqs = theta ** (torch.arange(0, hd, 2, device=device).float() / hd)  # [hd / 2]
     inv_freq = 1.0 / pos_freqs
