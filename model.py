@@ -1,6 +1,6 @@
 """A minimal decoder-only transformer that loads real Hugging Face checkpoints.
 
-One module covers the families CW-PO is run with: GPT-2, OPT, Qwen2 and Llama. It reads a local
+One module covers GPT-2, OPT, Qwen2 (2.5), Qwen3, Llama (3.x) and Mistral. It reads a local
 folder (config.json + model.safetensors, possibly sharded), maps tensor names explicitly (one table
 per family, below), and writes the same layout back so that transformers loads what we saved.
 
@@ -10,6 +10,7 @@ per family, below), and writes the same layout back so that transformers loads w
 """
 import functools
 import json
+import math
 import os
 import pathlib
 from dataclasses import dataclass, field
@@ -56,13 +57,16 @@ class Config:
     o_bias: bool = False
     mlp_bias: bool = False
     proj_dim: int = 0                  # OPT word_embed_proj_dim when != hidden_size
+    qk_norm: bool = False              # Qwen3: each head's q and k RMS-normed before RoPE
+    sliding_window: int = 0            # some layers attend within it (0: none); see check_fits
+    rope_params: dict = field(default_factory=dict, repr=False)  # rope_type, factor, ...
     dtype: str = "float32"
     hf: dict = field(default_factory=dict, repr=False)  # the config.json it came from, saved back
 
     @property
     def rope(self):
-        """Llama and Qwen2: RoPE and RMSNorm; GPT-2 and OPT: learned positions and LayerNorm."""
-        return self.model_type in ("llama", "qwen2")
+        """Llama, Qwen2/3, Mistral: RoPE and RMSNorm; GPT-2, OPT: learned positions, LayerNorm."""
+        return self.model_type not in ("gpt2", "opt")
 
 def config_from_hf(hf):
     """Config from a config.json dict, in both layouts: older (rope_theta, torch_dtype) and
@@ -97,23 +101,33 @@ def config_from_hf(hf):
                       qkv_bias=bias, o_bias=bias, mlp_bias=bias,
                       proj_dim=proj_dim if proj_dim != width else 0, **common)
 
-    if family in ("llama", "qwen2"):
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"config.json: rope type {rope_type!r} is not supported (only 'default')")
+    if family in ("llama", "qwen2", "qwen3", "mistral"):
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_type = rope.setdefault("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "yarn"):
+            raise ValueError(f"config.json: rope type {rope_type!r} is not supported "
+                             "(only 'default', 'llama3', 'yarn')")
         width, heads = hf["hidden_size"], hf["num_attention_heads"]
-        bias = hf.get("attention_bias", False)
-        return Config(d_model=width, n_layer=hf["num_hidden_layers"], n_head=heads,
-                      n_kv_head=hf.get("num_key_value_heads") or heads,
-                      head_dim=hf.get("head_dim") or width // heads,
-                      d_ff=hf["intermediate_size"], max_pos=hf.get("max_position_embeddings", 4096),
-                      act=hf.get("hidden_act", "silu"), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                      rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-                      qkv_bias=family == "qwen2" or bias, o_bias=bias,
-                      mlp_bias=hf.get("mlp_bias", False), **common)
+        max_pos = hf.get("max_position_embeddings", 4096)
+        key = "original_max_position_embeddings"  # transformers' order: top level, rope, max_pos
+        rope[key] = hf.get(key, rope.get(key, max_pos))
+        bias = hf.get("attention_bias", False) and family != "mistral"
+        slides = family == "mistral" or hf.get("use_sliding_window", False)  # Qwen: if switched on
+        cfg = Config(d_model=width, n_layer=hf["num_hidden_layers"], n_head=heads,
+                     n_kv_head=hf.get("num_key_value_heads") or heads,
+                     head_dim=hf.get("head_dim") or width // heads,
+                     d_ff=hf["intermediate_size"], max_pos=max_pos,
+                     act=hf.get("hidden_act", "silu"), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                     rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                     qkv_bias=family == "qwen2" or bias, o_bias=bias,
+                     mlp_bias=hf.get("mlp_bias", False), qk_norm=family == "qwen3",
+                     sliding_window=(hf.get("sliding_window") or 0) if slides else 0,
+                     rope_params=rope, **common)
+        rope_inv_freq(cfg, "cpu")  # a rope key missing raises its KeyError here, not in a forward
+        return cfg
 
-    raise ValueError(f"config.json: unsupported model_type {family!r} (supported: gpt2, opt, qwen2, llama)")
+    raise ValueError(f"config.json: unsupported model_type {family!r} "
+                     "(supported: gpt2, opt, qwen2, qwen3, llama, mistral)")
 
 # ----------------------------------------------------------------------------------- Layers
 
@@ -174,8 +188,8 @@ def compiled_flex_attention():
     return torch.compile(flex_attention)
 
 class Attention(nn.Module):
-    """Causal self-attention: fused q|k|v, grouped-query heads, RoPE for Llama / Qwen2, an optional
-    KV cache."""
+    """Causal self-attention: fused q|k|v, grouped-query heads, RoPE (rope families), Qwen3's
+    per-head q / k RMSNorm before RoPE (modeling_qwen3.Qwen3Attention), an optional KV cache."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -184,6 +198,8 @@ class Attention(nn.Module):
         self.kv_size = cfg.n_kv_head * cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o = nn.Linear(self.q_size, cfg.d_model, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, rope, mask, cache, start):
         B, T, _ = x.shape
@@ -194,6 +210,8 @@ class Attention(nn.Module):
         q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)     # [B, H, T, hd]
         k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        if self.q_norm is not None:  # over each head's hd features
+            q, k = self.q_norm(q), self.k_norm(k)  # [B, H, T, hd], [B, Hkv, T, hd]
         if rope is not None:
             # q and k become new tensors: a copy of v lets autograd keep v alone, not all of qkv
             q, k, v = rotate(q, *rope), rotate(k, *rope), v.contiguous()
@@ -372,14 +390,53 @@ class GPT(nn.Module):
         mask = (causal & real[:, None, :]) | diagonal  # [B, T, start + T]
         return pos, mask[:, None]
 
+def rope_inv_freq(cfg, device):
+    """-> (inverse frequencies [hd / 2], attention factor) as transformers' modeling_rope_utils.
+    default: f_i = theta^(-2i / hd). llama3 (_compute_llama3_parameters), L the original length:
+    wavelengths 2 pi / f_i over L / low_freq_factor become f_i / factor, under L / high_freq_factor
+    stay, between blend by s = (L / wavelength - low) / (high - low).
+    yarn (_compute_yarn_parameters): (1 - e) f_i / factor + e f_i, e falling from 1 to 0 over the
+    dimensions between those turning beta_fast and beta_slow times in L positions; cos / sin times
+    0.1 ln(factor) + 1 (or DeepSeek's mscale ratio, or attention_factor)."""
+    p, hd, theta = cfg.rope_params, cfg.head_dim, cfg.rope_theta
+    pos_freqs = theta ** (torch.arange(0, hd, 2, device=device).float() / hd)  # [hd / 2]
+    inv_freq = 1.0 / pos_freqs
+    kind, old = p.get("rope_type", "default"), p.get("original_max_position_embeddings")
+
+    if kind == "llama3":
+        wavelength = 2 * math.pi / inv_freq  # [hd / 2]
+        low, high = p["low_freq_factor"], p["high_freq_factor"]
+        smooth = ((old / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long waves, 1: short
+        return (1 - smooth) * inv_freq / p["factor"] + smooth * inv_freq, 1.0
+    if kind != "yarn":
+        return inv_freq, 1.0
+    factor = p.get("factor") or cfg.max_pos / old
+
+    def dimension(turns):  # the dimension whose frequency turns `turns` times in `old` positions
+        return hd * math.log(old / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dimension(p.get("beta_fast") or 32), dimension(p.get("beta_slow") or 1)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    ramp = (torch.arange(hd // 2, device=device).float() - low) / ((high - low) or 0.001)
+    extrapolation = 1 - ramp.clamp(0, 1)  # [hd / 2]: 1 keeps f_i, 0 interpolates f_i / factor
+    inv_freq = 1.0 / (factor * pos_freqs) * (1 - extrapolation) + inv_freq * extrapolation
+
+    def mscale(m):
+        return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    ratio = p.get("mscale") and p.get("mscale_all_dim")  # DeepSeek's form
+    default = mscale(p["mscale"]) / mscale(p["mscale_all_dim"]) if ratio else mscale(1)
+    return inv_freq, p.get("attention_factor") or default
+
 def rope_cos_sin(cfg, pos, dtype):
-    """RoPE's tables for positions pos [B, T]: angles pos * theta^(-2i / hd), i < hd / 2, each
-    frequency twice (rotate-half) -> (cos, sin), each [B, 1, T, hd]."""
-    exponent = torch.arange(0, cfg.head_dim, 2, device=pos.device).float() / cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** exponent  # [hd / 2]
+    """RoPE's tables for positions pos [B, T]: angles pos * f_i (rope_inv_freq), each frequency
+    twice (rotate-half), times the attention factor -> (cos, sin), each [B, 1, T, hd]."""
+    inv_freq, scale = rope_inv_freq(cfg, pos.device)  # [hd / 2]
     angles = pos[:, :, None].float() * inv_freq  # [B, T, hd / 2]
     angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, T, hd]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 class RewardModel(nn.Module):
     """pi_w(x, y) -> R: the backbone with its LM head replaced by a linear layer to one output, read
@@ -433,8 +490,11 @@ HF_NAMES = {
         "h.{i}.mlp.up": "layers.{i}.mlp.up_proj", "h.{i}.mlp.down": "layers.{i}.mlp.down_proj",
     },
 }
-HF_NAMES["qwen2"] = HF_NAMES["llama"]
-PREFIXES = {"gpt2": "transformer.", "opt": "model.", "llama": "model.", "qwen2": "model."}
+HF_NAMES["qwen2"] = HF_NAMES["mistral"] = HF_NAMES["llama"]
+HF_NAMES["qwen3"] = dict(HF_NAMES["llama"], **{"h.{i}.attn.q_norm": "layers.{i}.self_attn.q_norm",
+                                               "h.{i}.attn.k_norm": "layers.{i}.self_attn.k_norm"})
+PREFIXES = dict(gpt2="transformer.", opt="model.", llama="model.", qwen2="model.", qwen3="model.",
+                mistral="model.")
 IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers some files carry
 CONV1D = ("attn.qkv", "attn.o", "mlp.up", "mlp.down")  # GPT-2 modules stored as [in, out]
 HEADS = ("lm_head.weight", "score.weight")  # stored without the family prefix
@@ -569,7 +629,8 @@ def save_model(model, path, whole=None):
             prefix = "" if name in HEADS else PREFIXES[cfg.model_type]
             state[prefix + name] = (part.t() if transposed else part).contiguous().cpu()
 
-    cls = {"gpt2": "GPT2", "opt": "OPT", "llama": "Llama", "qwen2": "Qwen2"}[cfg.model_type]
+    cls = dict(gpt2="GPT2", opt="OPT", llama="Llama", qwen2="Qwen2", qwen3="Qwen3",
+               mistral="Mistral")[cfg.model_type]
     head = "ForSequenceClassification" if reward else "ForCausalLM"
     dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
     hf = dict(cfg.hf, dtype=dtype, model_type=cfg.model_type, architectures=[cls + head])
@@ -630,13 +691,17 @@ def load_tokenizer(path):
 
 def check_fits(model_path, cfg, tok, length, what):
     """Fail before any work where the model cannot embed its input: token ids or (GPT-2, OPT)
-    `length` positions."""
+    `length` positions; or where a sliding window (Mistral, Qwen's use_sliding_window) would cut
+    `length` tokens: the window is not applied, so it is refused."""
     if tok.get_vocab_size() > cfg.vocab_size:
         config_file = os.path.join(model_path, "config.json")
         raise ValueError(f"{getattr(tok, 'file', 'the tokenizer')} has {tok.get_vocab_size()} "
                          f"tokens, more than the vocab_size {cfg.vocab_size} of {config_file}")
     if not cfg.rope and length > cfg.max_pos:
         raise ValueError(f"{what} exceed {model_path}'s max_position_embeddings {cfg.max_pos}")
+    if cfg.sliding_window and length > cfg.sliding_window:
+        raise ValueError(f"{what} exceed {model_path}'s sliding_window {cfg.sliding_window} "
+                         "(config.json): sliding-window attention is not supported")
 
 # ----------------------------------------------------------------------------------- Generation
 

@@ -185,14 +185,15 @@ def memory_estimate(cfg, args, world_size=1, device=torch.device("cpu"), reward=
     parameter; LoRA: the root's and a block's weights); --grad-accum > 1 keeps gradients whole.
     Activations of the t = pairs (P + 2A) tokens of a micro-batch (P + A for SFT), s bytes each (2 under bf16): per
     token a block saves its norms' inputs, statistics and outputs 4d + 4 - 2r (r = 1: RMSNorm, RoPE, SwiGLU), for
-    attention q, k, v, the output, its copy for o and the logsumexp 3q + 2kv + H, and the MLP's (2 + r - [relu]) f;
+    attention q, k, v, the output, its copy for o and the logsumexp 3q + 2kv + H, Qwen3's q / k norms their input (the
+    q|k|v output) and statistics q + 2kv + H + Hkv, and the MLP's (2 + r - [relu]) f; q / k norms: 2 hd parameters;
     checkpointed, a block keeps only its input d, and one block is recomputed at a time. The fused LM head holds
     min(N, 256) V fp32 logits."""
     d, q, kv, f, r = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.d_ff, cfg.rope
     e, norm = cfg.proj_dim or d, d * (2 - r)  # LayerNorm: + bias
     linears = {"qkv": (d, q + 2 * kv, cfg.qkv_bias), "o": (q, d, cfg.o_bias), "gate": (d, f * r, cfg.mlp_bias),
                "up": (d, f, cfg.mlp_bias), "down": (f, d, cfg.mlp_bias)}  # gate: SwiGLU families only
-    block = sum(i * o + o * bias for i, o, bias in linears.values()) + 2 * norm
+    block = sum(i * o + o * bias for i, o, bias in linears.values()) + 2 * norm + 2 * cfg.head_dim * cfg.qk_norm
     root = cfg.vocab_size * e + norm * cfg.final_norm + 2 * e * d * bool(cfg.proj_dim)
     root += (0 if r else (cfg.max_pos + 2 * (cfg.model_type == "opt")) * d) + (e if reward else 0)
     root += cfg.vocab_size * e * (not cfg.tie_word_embeddings and not reward)  # an untied LM head
@@ -202,6 +203,7 @@ def memory_estimate(cfg, args, world_size=1, device=torch.device("cpu"), reward=
     pairs = math.ceil(math.ceil(args.batch_size / world_size) / args.grad_accum)  # train's micro-batch
     length = args.max_prompt_len + (1 if args.objective == "sft" else 2) * args.max_answer_len
     saved = 4 * d + 4 - 2 * r + 3 * q + 2 * kv + cfg.n_head + (2 + r - (cfg.act == "relu")) * f  # a block, a token
+    saved += (q + 2 * kv + cfg.n_head + cfg.n_kv_head) * cfg.qk_norm
     size = 2 if device.type == "cuda" and (args.bf16 or args.lora_rank) else 4  # bf16 autocast, else fp32
     kept = size * (d * cfg.n_layer + saved if args.grad_checkpointing else saved * cfg.n_layer)  # per token
     head = 0 if reward else min(pairs * (length - args.max_prompt_len), cwpo.DEFAULT_CHUNK_SIZE) * cfg.vocab_size * 4

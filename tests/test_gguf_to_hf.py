@@ -353,11 +353,16 @@ def rewrite(metadata, key, value):
 
 
 @pytest.mark.parametrize("case, expected", [("architecture", "'gpt2'"), ("block type", "Q5_K"),
-                                            ("tokenizer", "'llama'"), ("pre-tokenizer", "'llama-bpe'")])
+                                            ("tokenizer", "'llama'"), ("pre-tokenizer", "'llama-bpe'"),
+                                            ("qwen3", "'qwen3' is not supported (only 'llama', Mistral's included;"),
+                                            ("rope_freqs", "Llama 3.1's rope_freqs tensor) is not supported here; "
+                                                           "model.py loads rope types 'llama3'")])
 def test_unsupported_input_gets_one_line_error(tiny, tmp_path, case, expected):
     metadata, tensors = tiny["metadata"], [("token_embd.weight", (4, 32), "F32", bytes(4 * 32 * 4))]
-    if case == "architecture":
-        metadata = rewrite(metadata, "general.architecture", "gpt2")
+    if case in ("architecture", "qwen3"):
+        metadata = rewrite(metadata, "general.architecture", "gpt2" if case == "architecture" else "qwen3")
+    elif case == "rope_freqs":  # Llama 3.1 as llama.cpp converts it: the llama3 factors as a tensor
+        tensors.append(("rope_freqs.weight", (16,), "F32", bytes(16 * 4)))
     elif case == "block type":
         tensors = [("token_embd.weight", (4, 256), "Q5_K", bytes(4 * 176))]
     elif case == "tokenizer":

@@ -446,7 +446,9 @@ FAMILIES = [dict(model_type="qwen2", vocab_size=1000, hidden_size=48, num_hidden
                  num_key_value_heads=2, intermediate_size=80, tie_word_embeddings=False),
             dict(model_type="opt", vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=False),
-            dict(model_type="gpt2", vocab_size=500, n_embd=48, n_layer=2, n_head=4, n_positions=128)]
+            dict(model_type="gpt2", vocab_size=500, n_embd=48, n_layer=2, n_head=4, n_positions=128),
+            dict(model_type="qwen3", vocab_size=1000, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, intermediate_size=80)]  # q / k norms, head_dim != 48 / 4
 
 
 def test_memory_estimate_counts_the_parameters_of_each_family_from_the_config():
@@ -468,7 +470,7 @@ def test_memory_estimate_counts_the_parameters_of_each_family_from_the_config():
 
 
 @pytest.mark.parametrize("hf", FAMILIES[:1] + [dict(FAMILIES[1], word_embed_proj_dim=64, activation_function="relu"),
-                                               FAMILIES[2]], ids=lambda hf: hf["model_type"])
+                                               FAMILIES[2], FAMILIES[3]], ids=lambda hf: hf["model_type"])
 def test_memory_estimate_activations_are_what_autograd_saves(hf):
     """One block's activations in the estimate against the bytes autograd keeps for backward, counted
     independently with saved-tensor hooks (storages, each once, parameters left out) in a model of 2 blocks minus

@@ -213,10 +213,12 @@ def llama_config(gguf):
     """transformers' LlamaConfig fields (config.json) from the `llama.*` and tokenizer metadata."""
     arch = _key(gguf, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"{gguf.path}: architecture {arch!r} is not supported (only 'llama')")
+        raise ValueError(f"{gguf.path}: architecture {arch!r} is not supported (only 'llama', Mistral's included; "
+                         "model.py loads Qwen2, Qwen3 and Mistral from their Hugging Face folders)")
     scaling = gguf.metadata.get("llama.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in gguf.tensors:
-        raise ValueError(f"{gguf.path}: RoPE scaling ({scaling!r}, or a rope_freqs tensor) is not supported")
+        raise ValueError(f"{gguf.path}: RoPE scaling ({scaling!r}, or Llama 3.1's rope_freqs tensor) is not supported "
+                         "here; model.py loads rope types 'llama3' and 'yarn' from a Hugging Face folder")
     d, n_head = _key(gguf, "llama.embedding_length"), _key(gguf, "llama.attention.head_count")
     vocab = len(_key(gguf, "tokenizer.ggml.tokens"))
     special = {f"{kind}_token_id": gguf.metadata.get(f"tokenizer.ggml.{key}_token_id")
