@@ -1,20 +1,12 @@
 """Confidence-Weighted Preference Optimization (CW-PO): the method in one module.
 
 Paper: "When Weak LLMs Speak with Confidence, Preference Alignment Gets Stronger" (Afzali, Jeon,
-Brbic; ICLR 2026; arXiv 2603.04968). Read in order, the method first, the machinery last:
-  1. the weak labels: `confidence`, `top_fraction_mask`, and `bt_loss`, the annotator's objective;
-  2. CW-PO: `weighted_mean` (the objective E[C * l]), `batch_loss`, and `win_rate` (GRA);
-  3. the pairwise losses l, one small function each, dispatched by `preference_loss`, defined as
-     TRL 1.16's trainers define them (checked in tests/test_cwpo_trl.py);
-  4. `sequence_logps`, the one log-prob function every script calls, and `padded_logps`, its plain
-     unfused equivalent to copy;
-  5. the fused LM-head kernel behind sequence_logps.
-Every function imports only torch (and math); each docstring says what else it needs to be copied.
-
-Batch layout (data.collate): one packed row input_ids / position_ids / segment_ids / branch_ids
-[1, T], each prompt once and its two answers after it; the answer tokens to score as flat indices
-(score_index, score_target, score_answer), answers 0..B-1 the chosen and B..2B-1 the rejected ones;
-weight [B] the per-pair weight.
+Brbic; ICLR 2026; arXiv 2603.04968). Read in order: the weak labels (confidence, top_fraction_mask,
+bt_loss); CW-PO (weighted_mean, batch_loss, win_rate); the pairwise losses, dispatched by
+preference_loss and defined as TRL 1.16's trainers define them; sequence_logps, the one log-prob
+function, and padded_logps, its plain equivalent; the fused LM-head kernel. Every function imports
+only torch and math; each docstring says what else it needs to be copied. The batch layout is
+data.collate's: one packed row, answers 0..B-1 the chosen and B..2B-1 the rejected ones.
 """
 import math
 
@@ -28,13 +20,9 @@ DEFAULT_CHUNK_SIZE = 256
 # ----------------------------------------------------------------------------------- Weak labels
 
 def confidence(score_a, score_b):
-    """The weak label and its confidence (CW-PO's confidence score):
-
-        a_wins = s_a >= s_b,    C = 2 * (sigmoid(|s_a - s_b|) - 0.5) in [0, 1),
-
-    the BT probability of the weak label rescaled from [0.5, 1).
-      score_a  [B] the annotator's score of answer a
-      score_b  [B] the annotator's score of answer b
+    """The weak label and its confidence (CW-PO's confidence score): a_wins = s_a >= s_b and
+    C = 2 * (sigmoid(|s_a - s_b|) - 0.5) in [0, 1), the BT probability of the weak label rescaled.
+      score_a, score_b  [B] the annotator's scores of answers a and b
     Returns (a_wins [B] bool, confidence [B] fp32).
     """
     score_a, score_b = score_a.float(), score_b.float()
@@ -59,9 +47,7 @@ def top_fraction_mask(confidences, fraction):
 
 def bt_loss(chosen_scores, rejected_scores, margin=None, center_coef=0.0):
     """Bradley-Terry loss per pair, the weak annotator's objective (InstructGPT Eq. 1):
-
-        l = -log sigmoid(r+ - r- - margin) + center_coef * (r+ + r-)^2
-
+    l = -log sigmoid(r+ - r- - margin) + center_coef * (r+ + r-)^2.
       chosen_scores, rejected_scores  [B] scalar rewards r+, r-
       margin       [B] or None, Llama 2's per-pair margin (Touvron et al. 2023, Eq. 2)
       center_coef  the reward-centering penalty of Eisenstein et al. 2023 (arXiv 2312.09244)
@@ -149,11 +135,8 @@ def batch_loss(model, batch, ref_chosen_logps, ref_rejected_logps, loss_type="si
 
 def win_rate(policy_rewards, sft_rewards, n_boot=2000, seed=0):
     """Gold Reward Accuracy (GRA) in %: over held-out prompts, a gold judge's reward of the aligned
-    policy's answer against the SFT model's,
-
-        GRA = mean([policy > sft] + 0.5 [policy == sft]),
-
-    with a bootstrap 95 % interval (percentiles of n_boot resampled means).
+    policy's answer against the SFT model's, GRA = mean([policy > sft] + 0.5 [policy == sft]), with
+    a bootstrap 95 % interval (percentiles of n_boot resampled means).
       policy_rewards  [P] the judge's score of the policy's answer to each prompt
       sft_rewards     [P] the judge's score of the SFT model's answer
     Returns {"gra", "lo", "hi"}.
@@ -492,11 +475,7 @@ class FusedLogProbs(torch.autograd.Function):
     grad_weight[slice] = dlogits.T @ hidden in one GEMM and accumulates
     grad_hidden += dlogits @ W[slice] (fp32 arithmetic, also for bf16 / fp16 inputs; grads are
     returned in the inputs' dtype). Rows with targets < 0 give 0 and get 0 gradient.
-      hidden      [N, d]
-      weight      [V, d]
-      bias        [V] or None
-      targets     [N] long
-      chunk_size  int
+      hidden [N, d], weight [V, d], bias [V] or None, targets [N] long, chunk_size int
     Output: [N] fp32 (fp64 for fp64 inputs).
     """
 

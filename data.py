@@ -17,8 +17,7 @@ def split_pairs(pairs, labeled_fraction, eval_size, seed):
     n = len(pairs)
     n_eval = round(eval_size * n) if isinstance(eval_size, float) else int(eval_size)
     if not (0.0 <= labeled_fraction <= 1.0 and 0 <= n_eval <= n):
-        raise ValueError(f"bad split of {n} pairs: labeled_fraction={labeled_fraction}, "
-                         f"eval_size={eval_size}")
+        raise ValueError(f"bad split of {n} pairs: labeled_fraction={labeled_fraction}, eval_size={eval_size}")
 
     order = np.random.default_rng(seed).permutation(n).tolist()
     n_labeled = round(labeled_fraction * (n - n_eval))

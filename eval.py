@@ -24,7 +24,8 @@ import formats
 import runs
 import world
 from cwpo import win_rate
-from model import check_fits, config_from_hf, generate_answers, load_model, load_tokenizer, read_json
+from generate import generate_answers
+from model import check_fits, config_from_hf, load_model, load_tokenizer, read_json
 
 @torch.no_grad()
 def judge_scores(judge_path, judge, judge_tok, prompts, answers, device, batch_size=32):

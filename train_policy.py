@@ -44,8 +44,7 @@ def pair_weights(pairs, weighting, top_fraction):
     if weighting == "none":
         return pairs, [1.0] * len(pairs)
     if any("confidence" not in p for p in pairs):
-        raise ValueError(f"--weighting {weighting} needs a 'confidence' in every pair "
-                         "(as train_weak.py writes)")
+        raise ValueError(f"--weighting {weighting} needs a 'confidence' in every pair (as train_weak.py writes)")
     confidences = torch.tensor([p["confidence"] for p in pairs], dtype=torch.float32)  # in [0, 1]
     if weighting == "confidence":
         return pairs, confidences.tolist()
@@ -150,8 +149,7 @@ def train(model, examples, args, objective, rank=0, world_size=1, device=torch.d
                           lr=lr_at(step - 1, total, args), grad_norm=grad_norm,
                           tokens_per_s=seen_tokens / elapsed, elapsed_s=elapsed, **totals)
             shown = " ".join(f"{k} {v:.4f}" for k, v in totals.items())
-            log(f"step {step}/{total} | {shown} | {seen_tokens / elapsed:,.0f} tok/s | "
-                f"ETA {eta / 60:.1f} min")
+            log(f"step {step}/{total} | {shown} | {seen_tokens / elapsed:,.0f} tok/s | ETA {eta / 60:.1f} min")
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         if args.save_every and step % args.save_every == 0 and step < total:

@@ -115,15 +115,13 @@ def main(args):
     eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # count or fraction
     pairs = formats.load_pairs(args.data, args.format, skip_bad=args.skip_bad)
     labeled, unlabeled, heldout = data.split_pairs(pairs, args.labeled_fraction, eval_size, args.seed)
-    print(f"{len(pairs)} pairs: {len(labeled)} labeled, {len(unlabeled)} unlabeled, "
-          f"{len(heldout)} held out")
+    print(f"{len(pairs)} pairs: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(heldout)} held out")
     if not labeled or not unlabeled:
         raise ValueError("the split left no labeled or no unlabeled pairs: change "
                          "--labeled-fraction or --eval-size")
     tie = torch.tensor([p["chosen"] == p["rejected"] for p in heldout or unlabeled])  # no winner
     if tie.all():
-        raise ValueError(f"{args.data}: every pair the report is on has two identical answers: "
-                         "change --eval-size")
+        raise ValueError(f"{args.data}: every pair the report is on has two identical answers: change --eval-size")
     to_label = unlabeled  # or pairs that never had a label: answer_a / answer_b as chosen / rejected
     if args.unlabeled:
         never_labeled = formats.load_pairs(args.unlabeled, "unlabeled", skip_bad=args.skip_bad)
@@ -155,8 +153,7 @@ def main(args):
                  lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=2)))
     save_model(merge_lora(rm), args.out)
     mean_confidence = np.mean([label["confidence"] for label in labels])
-    print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence "
-          f"{mean_confidence:.3f})")
+    print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence {mean_confidence:.3f})")
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

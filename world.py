@@ -27,7 +27,8 @@ import runs
 import train_policy
 import train_weak
 from cwpo import win_rate
-from model import GPT, config_from_hf, generate_answers, load_model, save_model
+from generate import generate_answers
+from model import GPT, config_from_hf, load_model, save_model
 from runs import atomic_write
 from tools.figures import render_figures, results_markdown, write_figures
 

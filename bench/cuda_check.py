@@ -38,6 +38,7 @@ sys.path.insert(0, ROOT)
 import cwpo  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
+from generate import generate  # noqa: E402
 
 RESULTS = []
 
@@ -126,7 +127,7 @@ def check_generate(device, paths):
         hf = transformers.AutoModelForCausalLM.from_pretrained(paths[family], dtype=torch.float32).to(device).eval()
         ours = M.load_model(paths[family], dtype=torch.float32, device=device).eval()
         prompts = [torch.randint(3, 512, (n,)).tolist() for n in (5, 12, 9)]
-        new = M.generate(ours, prompts, 24, eos_id=2, pad_id=0)
+        new = generate(ours, prompts, 24, eos_id=2, pad_id=0)
         same = True
         for p, row in zip(prompts, new):
             out = hf.generate(torch.tensor([p], device=device), max_new_tokens=24, do_sample=False, eos_token_id=2,

@@ -23,7 +23,8 @@ TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TOOLS)
 import gguf_to_hf  # noqa: E402
 
-from model import generate, load_model, load_tokenizer  # noqa: E402
+from generate import generate  # noqa: E402
+from model import load_model, load_tokenizer  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # A minimal GGUF writer and the block formats, written from ggml's docs/gguf.md and ggml-common.h

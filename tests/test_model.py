@@ -8,7 +8,8 @@ import transformers as T
 from safetensors.torch import load_file, save_file
 
 from lora import LORA_MODULES, LoRALinear, apply_lora, merge_lora
-from model import PREFIXES, generate, hf_names, load_model, load_tokenizer, save_model
+from generate import generate
+from model import PREFIXES, hf_names, load_model, load_tokenizer, save_model
 
 V = 97
 SPECIAL = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)

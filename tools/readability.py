@@ -5,7 +5,8 @@
 lines: all lines; over 100: lines longer than 100 characters (% of all lines); blank in bodies: blank lines
 inside function bodies (% of the body lines, from the line after the def's signature to the body's last line);
 tokens / code line: Python tokens (no comments, newlines or indents) per non-blank, non-comment line;
-one-line ifs: `if ...: statement` on one line, per 100 code lines; parallel: assignments of two or more
+one-line ifs: `if ...: statement` on one line, and conditional expressions `a if c else b`, per 100
+code lines; parallel: assignments of two or more
 names from a tuple of as many values (`a, b = x, y`), per 100 code lines.
 """
 import ast
@@ -18,7 +19,7 @@ SKIP = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokeni
 
 
 def figures(paths):
-    lines = over = body = blank = code = tokens = one_line_ifs = parallel = 0
+    lines = over = body = blank = code = tokens = one_line_ifs = ternaries = parallel = 0
     for path in paths:
         text = open(path, encoding="utf-8").read()
         rows = text.splitlines()
@@ -31,6 +32,8 @@ def figures(paths):
                 in_body.update(range(node.body[0].lineno, node.end_lineno + 1))
             if isinstance(node, ast.If) and node.body[0].lineno == node.lineno:
                 one_line_ifs += 1
+            if isinstance(node, ast.IfExp):
+                ternaries += 1
             if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Tuple)
                     and isinstance(node.value, ast.Tuple)
                     and len(node.targets[0].elts) == len(node.value.elts) >= 2):
@@ -43,6 +46,7 @@ def figures(paths):
         tokens += len(toks)
     return {"lines": lines, "over 100 %": 100 * over / lines, "blank in bodies %": 100 * blank / body,
             "tokens / code line": tokens / code, "one-line ifs / 100": 100 * one_line_ifs / code,
+            "conditional expr / 100": 100 * ternaries / code,
             "parallel / 100": 100 * parallel / code}
 
 
