@@ -151,9 +151,10 @@ def win_rate(policy_rewards, sft_rewards, n_boot=2000, seed=0):
     return {"gra": 100 * wins.mean().item(), "lo": 100 * lo, "hi": 100 * hi}
 
 # ----------------------------------------------------------------------------------- Pairwise losses
-# Per pair [B]. Notation: u+ = log pi(y+|x) - log pi_ref(y+|x), u- likewise, s(u) the f-divergence
-# score (u for DPO's reverse KL), delta = s(u+) - s(u-), n+- answer lengths. Conventions (lengths,
-# batch-level means, label smoothing) are those of TRL 1.16's DPOTrainer / CPOTrainer / ORPOTrainer.
+# Every argument below is a [B] tensor of one value per pair (or a float), every loss [B].
+# Notation: u+ = log pi(y+|x) - log pi_ref(y+|x), u- likewise, s(u) the f-divergence score (u for
+# DPO's reverse KL), delta = s(u+) - s(u-), n+- answer lengths. Conventions (lengths, batch-level
+# means, label smoothing) are those of TRL 1.16's DPOTrainer / CPOTrainer / ORPOTrainer.
 
 def f_divergence_score(logratios, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
     """f-DPO's implicit reward s(u) = f'(pi / pi_ref) (Wang et al. 2024, arXiv 2309.16240):
