@@ -61,15 +61,43 @@ def atomic_write(path, write):
 
 def claim(out, outputs, args):
     """A run owns its folder: without --resume, an earlier run's checkpoints or outputs in OUT stop the run, or
-    are removed first with --overwrite, so that no file of two runs ends up side by side."""
-    if args.resume or not os.path.isdir(out):
+    are removed first with --overwrite, so that no file of two runs ends up side by side. With --resume, OUT
+    must hold a run to continue: a finished run's outputs without a checkpoint are never replaced. An OUT that
+    is an input (or inside one), or that would remove or rewrite an input, is refused."""
+    found = sorted(n for n in os.listdir(out) if n in outputs or n.startswith("checkpoint-")) \
+        if os.path.isdir(out) else []
+    check_inputs(out, outputs, args)
+
+    if args.resume:
+        finished = [n for n in found if n != "log.jsonl" and not n.startswith("checkpoint-")]
+        if finished and not checkpoints(out):
+            raise ValueError(f"--out {out} holds a finished run's {', '.join(finished[:3])} and no checkpoint "
+                             "to resume: leave out --resume and pass --overwrite to replace it, or another --out")
         return
-    found = sorted(n for n in os.listdir(out) if n in outputs or n.startswith("checkpoint-"))
+
     if found and not args.overwrite:
-        raise ValueError(f"--out {out} holds an earlier run's {', '.join(found[:3])}: pass --resume to continue it, "
-                         "--overwrite to replace it, or another --out")
+        raise ValueError(f"--out {out} holds an earlier run's {', '.join(found[:3])}: pass --resume to continue "
+                         "it, --overwrite to replace it, or another --out")
     for name in found:
         remove(os.path.join(out, name))
+
+INPUTS = ("model", "data", "unlabeled")  # the flags whose files a run reads
+
+def check_inputs(out, outputs, args):
+    """Refuse an OUT that is an input folder or lies inside one, and an input that lies among OUT's outputs
+    (which the run removes or rewrites): the input stays intact."""
+    target = os.path.realpath(out)
+    for flag in INPUTS:
+        path = getattr(args, flag, None)
+        if not path:
+            continue
+        source = os.path.realpath(path)
+        if target == source or target.startswith(source + os.sep):
+            raise ValueError(f"--out {out} is --{flag} {path} or inside it: write the output elsewhere")
+        part = os.path.relpath(source, target).split(os.sep)[0]
+        if source.startswith(target + os.sep) and (part in outputs or part.startswith("checkpoint-")):
+            raise ValueError(f"--{flag} {path} is an output of --out {out}, which the run would replace: "
+                             "copy it elsewhere first")
 
 def remove(path):
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

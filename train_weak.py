@@ -96,6 +96,8 @@ def train_annotator(labeled, args, device, log=print):
     return rm, tok
 
 def main(args):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would run the whole job into one --out
+        raise ValueError("train_weak.py runs in one process: start it with python, not torchrun")
     _, _, device = runs.distributed()
     torch.manual_seed(args.seed)
     eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # a count, or a fraction of all pairs

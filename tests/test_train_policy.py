@@ -583,3 +583,38 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_to_the_same_run(tiny_wor
     resumed = run(tiny_world, tmp_path / "cut", *lora, "--resume")  # bug: adapters not restored, or A drawn anew
     assert_same_run(plain, resumed)
     assert all(torch.equal(plain[1][name], resumed[1][name]) for name in plain[1])
+
+
+# --- issue 24: nothing lost, nothing silent
+
+def main_run(argv):
+    runs.run_script(train_policy.main, train_policy.parser().parse_args(argv))
+
+
+def test_resume_with_nothing_to_resume_never_replaces_a_finished_run(tiny_world, tmp_path, capsys):
+    out = tmp_path / "out"
+    main_run(main_argv(tiny_world, out, "--save-every", "0"))  # finished: a model and a log, no checkpoint
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    line = cli_error(main_argv(tiny_world, out, "--save-every", "0", "--resume", "--sft"), capsys)
+    assert "holds a finished run's" in line and "no checkpoint" in line, line  # bug: a new run replaced it
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_an_output_that_is_the_input_is_refused(tiny_world, tmp_path, capsys):
+    from model import load_model
+    model = tmp_path / "model"
+    shutil.copytree(tiny_world["model"], model)
+    data = model / "pairs.jsonl"
+    shutil.copy(tiny_world["pairs"], data)
+    before = {n: (model / n).read_bytes() for n in os.listdir(model)}
+    for out, flag in ((model, "--model"), (model / "sub", "--model"), (tmp_path / "x", "--data")):
+        argv = main_argv(tiny_world, out, "--model", str(model), "--overwrite")
+        if flag == "--data":  # --data lies inside --out's files that --overwrite would remove
+            (tmp_path / "x").mkdir()
+            shutil.copy(tiny_world["pairs"], tmp_path / "x" / "log.jsonl")
+            argv = main_argv(tiny_world, out, "--data", str(tmp_path / "x" / "log.jsonl"), "--overwrite")
+        line = cli_error(argv, capsys)  # bug: --overwrite deleted the model's tokenizer files, then "saved"
+        assert flag in line and "Traceback" not in line, line
+    assert {n: (model / n).read_bytes() for n in os.listdir(model)} == before
+    assert (tmp_path / "x" / "log.jsonl").exists()
+    load_model(str(model))

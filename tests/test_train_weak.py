@@ -124,3 +124,14 @@ def test_lora_annotator_trains_its_adapters_and_its_whole_head(tiny_world, tmp_p
     assert all(".lora_" in name for name in trained if name != "score.weight")
     assert not torch.equal(trained["score.weight"], start.score.weight)  # bug: the head frozen with the base
     assert torch.equal(rm.body.h[0].mlp.up.linear.weight, start.body.h[0].mlp.up.weight)
+
+
+# --- issue 24: nothing lost, nothing silent
+
+def test_torchrun_is_refused_before_any_work(tiny_world, tmp_path, monkeypatch):
+    out = tmp_path / "weak"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; bug: each rank ran the whole job into one --out
+    argv = ["--model", tiny_world["model"], "--data", tiny_world["pairs"], "--out", str(out), "--max-steps", "1"]
+    with pytest.raises(SystemExit) as info:
+        runs.run_script(train_weak.main, train_weak.parser().parse_args(argv))
+    assert "train_weak.py runs in one process" in str(info.value.code) and not out.exists()
