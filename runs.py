@@ -4,6 +4,7 @@ torchrun and FSDP2, and the memory a run will need. train_policy.py and train_we
 none of it changes what is computed.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -115,11 +116,23 @@ def tidy(out, step):
         raise ValueError(f"{path}: not a log of train_policy.py (a line is not a record with a step)") from None
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
 
-UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "max_steps", "epochs")  # resume may change
+UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "max_steps", "epochs")  # see `run` below
+LABELS = {"steps": "the run's length in steps (--max-steps, --epochs)",
+          "data_sha256": "the encoded data's sha256 (--data)"}
 
-def settings(args):
-    """What decides a run's result (model, data, every training flag): stored in its checkpoints, compared on resume."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in UNCOMPARED}
+def settings(args, run):
+    """What decides a run's result (model, data, every training flag, and `run`: its length in steps and the
+    sha256 of the examples it trains on): stored in its checkpoints, compared on resume."""
+    flags = {k: v for k, v in vars(args).items() if k not in UNCOMPARED}
+    return dict(sorted({**flags, **run}.items()))
+
+def fingerprint(examples):
+    """sha256 of encoded examples (token ids, weights; not the reference log-probs computed from them): what a
+    run trains on, wherever its file lies and whatever its name."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(repr(sorted((k, v) for k, v in example.items() if not k.startswith("ref_"))).encode())
+    return digest.hexdigest()
 
 def checkpoints(out):
     """Complete checkpoint folders OUT/checkpoint-STEP, oldest first."""
@@ -130,7 +143,7 @@ def trainable_state(model):
     """{name: tensor} of the parameters that train: all of them, or LoRA's adapters (and an annotator's head)."""
     return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
-def save_checkpoint(model, optimizer, step, args, rank):
+def save_checkpoint(model, optimizer, step, args, rank, run):
     """The parameters that train (all, or LoRA's adapters) and their AdamW state, gathered whole to rank 0 and
     written into a temporary folder that one rename makes OUT/checkpoint-STEP: a kill at any moment leaves the
     previous checkpoint whole. Older ones are removed."""
@@ -142,18 +155,22 @@ def save_checkpoint(model, optimizer, step, args, rank):
         return
     tmp = os.path.join(args.out, f"checkpoint-{step}.tmp")  # tidy() removed any left by a kill
     os.makedirs(tmp)
-    state = {"model": params, "optimizer": optim, "step": step, "settings": settings(args)}
+    state = {"model": params, "optimizer": optim, "step": step, "settings": settings(args, run)}
     torch.save(state, os.path.join(tmp, "train_state.pt"))
     os.replace(tmp, os.path.join(args.out, f"checkpoint-{step}"))
     for old in checkpoints(args.out)[:-1]:
         shutil.rmtree(old)
 
-def resume(model, optimizer, args, log):
+STATE = {"model": dict, "optimizer": dict, "step": int, "settings": dict}  # a train_state.pt's keys
+
+def resume(model, optimizer, args, log, run):
     """Load the newest complete checkpoint into model and optimizer -> its step (0 when there is none). Refused when
-    it was made with other settings or for parameters of other names or shapes."""
+    it was made with other settings (`run`: see settings) or does not fit: any value of its train_state.pt that
+    is not what save_checkpoint writes is one line naming the file."""
     found = checkpoints(args.out)
     if not found:
         return 0
+
     file = os.path.join(found[-1], "train_state.pt")
     try:  # weights_only: plain tensors and containers, never code that a crafted file would run
         state = torch.load(file, weights_only=True, mmap=True)
@@ -161,21 +178,55 @@ def resume(model, optimizer, args, log):
         raise ValueError(f"{file}: not a plain training state ({str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"{file}: unreadable, truncated? ({str(e).splitlines()[0]})") from None
-    saved, now = state.get("settings", {}), settings(args)
-    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {now.get(k)!r} now"
+    check_state(state, file, trainable_state(model), run["steps"])
+
+    saved, now = state["settings"], settings(args, run)
+    differ = [f"{LABELS.get(k, '--' + k.replace('_', '-'))} {saved.get(k)!r} there, {now.get(k)!r} now"
               for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if differ:
         raise ValueError(f"{found[-1]} was made with other settings: {'; '.join(differ)} (use another --out)")
-    shapes = {name: tuple(p.shape) for name, p in trainable_state(model).items()}
-    for name in sorted(set(shapes) | set(state["model"])):
-        there = tuple(state["model"][name].shape) if name in state["model"] else None
-        if there != shapes.get(name):
-            raise ValueError(f"{file}: tensor {name} has shape {there}, the model {args.model} {shapes.get(name)}")
+    if state["step"] != int(found[-1].rsplit("-", 1)[1]):
+        raise ValueError(f"{file}: step {state['step']} in the folder of step {found[-1].rsplit('-', 1)[1]}")
+
     options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen base is not in a checkpoint
     set_model_state_dict(model, state["model"], options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    try:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{file}: the optimizer state does not fit the model ({e!r})") from None
     log(f"resumed from {found[-1]} at step {state['step']}")
     return state["step"]
+
+def check_state(state, file, trained, steps):
+    """A train_state.pt's content as save_checkpoint writes it, or a ValueError naming the file and the key: its
+    keys and their types, a step inside the run, each tensor of the model's name, shape and dtype, and every
+    tensor (the optimizer's too) finite."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: not a training state (a {type(state).__name__}, not a dict)")
+    for key, kind in STATE.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise ValueError(f"{file}: key {key!r} is missing or not a {kind.__name__}")
+    if not 0 < state["step"] < steps:
+        raise ValueError(f"{file}: step {state['step']} lies outside the run's {steps} steps")
+
+    for name in sorted(set(trained) | set(state["model"])):
+        there, here = state["model"].get(name), trained.get(name)
+        if not isinstance(there, torch.Tensor) or here is None or there.shape != here.shape:
+            shape = tuple(there.shape) if isinstance(there, torch.Tensor) else None
+            here_shape = None if here is None else tuple(here.shape)
+            raise ValueError(f"{file}: tensor {name} has shape {shape}, the model {here_shape}")
+        if there.dtype != here.dtype:
+            raise ValueError(f"{file}: tensor {name} has dtype {there.dtype}, the model {here.dtype}")
+
+    tensors = [("model", state["model"]), ("optimizer", state["optimizer"])]
+    while tensors:
+        where, value = tensors.pop()
+        if isinstance(value, dict):
+            tensors += [(f"{where}.{k}", v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            tensors += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not value.isfinite().all():
+            raise ValueError(f"{file}: {where} holds NaN or inf")
 
 def distributed():
     """(rank, world size, device): torchrun's environment when present, else one process."""

@@ -94,7 +94,8 @@ def train(model, examples, args, objective, rank=0, world_size=1, device=torch.d
     total = args.max_steps or steps_per_epoch * args.epochs
     if total < 1:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
-    step = runs.resume(model, optimizer, args, log) if args.resume else 0
+    run = {"steps": total, "data_sha256": runs.fingerprint(examples)}  # compared on resume, beside the flags
+    step = runs.resume(model, optimizer, args, log, run) if args.resume else 0
     if rank == 0:
         runs.tidy(args.out, step)
     t0, seen_tokens, first = time.time(), 0, step
@@ -153,7 +154,7 @@ def train(model, examples, args, objective, rank=0, world_size=1, device=torch.d
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         if args.save_every and step % args.save_every == 0 and step < total:
-            runs.save_checkpoint(model, optimizer, step, args, rank)
+            runs.save_checkpoint(model, optimizer, step, args, rank, run)
     return model
 
 def encode_pairs(tok, pairs, args):

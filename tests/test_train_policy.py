@@ -576,10 +576,12 @@ def test_bad_lora_flags_are_one_clear_line(tiny_world, tmp_path, capsys):
 def test_lora_checkpoints_hold_adapters_only_and_resume_to_the_same_run(tiny_world, tmp_path):
     lora = ["--lora-rank", "2", "--lora-modules", "qkv,up", "--save-every", "1"]
     plain = run(tiny_world, tmp_path / "plain", *lora)
-    run(tiny_world, tmp_path / "cut", *lora, "--max-steps", "2")  # leaves checkpoint-1, the same as plain's
-    state = torch.load(tmp_path / "cut" / "checkpoint-1" / "train_state.pt", weights_only=True)
+    shutil.copytree(tmp_path / "plain", tmp_path / "cut")  # as if killed after checkpoint-2 was written
+    for name in ("model.safetensors", "config.json"):
+        os.remove(tmp_path / "cut" / name)
+    state = torch.load(tmp_path / "cut" / "checkpoint-2" / "train_state.pt", weights_only=True)
     assert all(".lora_" in name for name in state["model"]) and len(state["model"]) == 2 * 2 * 2  # no merged copy
-    assert os.listdir(tmp_path / "cut" / "checkpoint-1") == ["train_state.pt"]
+    assert os.listdir(tmp_path / "cut" / "checkpoint-2") == ["train_state.pt"]
     resumed = run(tiny_world, tmp_path / "cut", *lora, "--resume")  # bug: adapters not restored, or A drawn anew
     assert_same_run(plain, resumed)
     assert all(torch.equal(plain[1][name], resumed[1][name]) for name in plain[1])
@@ -618,3 +620,70 @@ def test_an_output_that_is_the_input_is_refused(tiny_world, tmp_path, capsys):
     assert {n: (model / n).read_bytes() for n in os.listdir(model)} == before
     assert (tmp_path / "x" / "log.jsonl").exists()
     load_model(str(model))
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tiny_world, tmp_path_factory):
+    """A finished 2-step run that kept its step-1 checkpoint, on a copy of the pairs: (out folder, data file)."""
+    root = tmp_path_factory.mktemp("checkpointed")
+    shutil.copy(tiny_world["pairs"], root / "pairs.jsonl")
+    main_run(main_argv(tiny_world, root / "out", "--data", str(root / "pairs.jsonl")))
+    return root / "out", root / "pairs.jsonl"
+
+
+def resume_line(tiny_world, checkpointed, tmp_path, capsys, *extra, data=None):
+    """Resume a copy of the checkpointed run, with `extra` flags -> the one line it stops with."""
+    out = tmp_path / "out"
+    shutil.copytree(checkpointed[0], out)
+    argv = main_argv(tiny_world, out, "--data", str(data or checkpointed[1]), "--resume", *extra)
+    return cli_error(argv, capsys)
+
+
+def test_resume_refuses_data_rewritten_at_the_same_path(tiny_world, checkpointed, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"  # the same name, other pairs: the answers swapped
+    rows = [json.loads(line) for line in open(checkpointed[1])]
+    data.write_text("".join(json.dumps(dict(r, chosen=r["rejected"], rejected=r["chosen"])) + "\n" for r in rows))
+    line = resume_line(tiny_world, checkpointed, tmp_path, capsys, "--data", str(data))
+    assert "the encoded data's sha256" in line, line  # bug: the run went on with the new pairs, exit 0
+
+
+@pytest.mark.parametrize("flags", [["--max-steps", "3"], ["--max-steps", "0", "--epochs", "2"]])
+def test_resume_refuses_another_run_length(tiny_world, checkpointed, tmp_path, capsys, flags):
+    line = resume_line(tiny_world, checkpointed, tmp_path, capsys, *flags)
+    assert "--max-steps, --epochs" in line and " 2 there" in line, line  # bug: a schedule neither run follows
+
+
+def damage_state(out, how):
+    file = out / "checkpoint-1" / "train_state.pt"
+    state = torch.load(file, weights_only=True)
+    if how == "list":
+        state = list(state.values())
+    elif how == "step_beyond":
+        state["step"] = 99
+    elif how.startswith("missing_"):
+        del state[how.removeprefix("missing_")]
+    elif how == "nan_optimizer":
+        first = next(iter(state["optimizer"]["state"].values()))
+        first["exp_avg"][0] = float("nan")
+    elif how == "broken_optimizer":
+        state["optimizer"]["state"] = {"wte.weight": 3}
+    elif how == "int_tensor":
+        name = next(iter(state["model"]))
+        state["model"][name] = state["model"][name].long()
+    torch.save(state, file)
+    return str(file)
+
+
+STATE_DAMAGE = {  # how -> what the line says beside the file's name; bug: a traceback, a bare key, or a wrong run
+    "list": "not a training state", "step_beyond": "step 99", "missing_model": "key 'model'",
+    "missing_step": "key 'step'", "nan_optimizer": "NaN or inf", "broken_optimizer": "optimizer state",
+    "int_tensor": "dtype torch.int64"}
+
+
+@pytest.mark.parametrize("how", STATE_DAMAGE)
+def test_a_damaged_train_state_is_one_line_naming_the_file(tiny_world, checkpointed, tmp_path, capsys, how):
+    out = tmp_path / "out"
+    shutil.copytree(checkpointed[0], out)
+    file = damage_state(out, how)
+    line = cli_error(main_argv(tiny_world, out, "--data", str(checkpointed[1]), "--resume"), capsys)
+    assert file in line and STATE_DAMAGE[how] in line and "Traceback" not in line and "lower --lr" not in line, line
