@@ -10,6 +10,7 @@ and writes the same layout back so that transformers loads what we saved.
 """
 import functools
 import json
+import math
 import os
 import pathlib
 from dataclasses import dataclass, field
@@ -56,16 +57,63 @@ class Config:
     def rope(self):  # Llama and Qwen2: RoPE and RMSNorm; GPT-2 and OPT: learned positions and LayerNorm
         return self.model_type in ("llama", "qwen2")
 
-def config_from_hf(hf):
+def is_count(value):
+    return type(value) is int and value >= 1
+
+def is_positive(value):
+    return type(value) in (int, float) and 0 < value < math.inf
+
+CONFIG_CHECKS = {  # config.json key -> (test of its value, what it must be); a key absent or null is not tested
+    **dict.fromkeys(("vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "n_inner", "hidden_size",
+                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "intermediate_size", "ffn_dim", "max_position_embeddings", "word_embed_proj_dim"),
+                    (is_count, "an integer >= 1")),
+    **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "rope_theta"), (is_positive, "a positive number")),
+    "initializer_range": (lambda v: v == 0 or is_positive(v), "a number >= 0"),
+    **dict.fromkeys(("tie_word_embeddings", "do_layer_norm_before", "enable_bias", "attention_bias", "mlp_bias",
+                     "_remove_final_layer_norm"), (lambda v: type(v) is bool, "true or false")),
+    **dict.fromkeys(("activation_function", "hidden_act"), (lambda v: v in ACTIVATIONS,
+                                                            "one of " + ", ".join(ACTIVATIONS))),
+    **dict.fromkeys(("rope_parameters", "rope_scaling"), (lambda v: isinstance(v, dict), "an object")),
+}
+
+def check_config(hf, file):
+    """Every value of config.json that the loader reads, checked once against CONFIG_CHECKS (and the special token
+    ids against the vocabulary): a ValueError naming the file and the key."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file}: not a JSON object but a {type(hf).__name__}")
+    nested = [hf[k] for k in ("rope_parameters", "rope_scaling") if isinstance(hf.get(k), dict)]
+    for key, value in [item for part in (hf, *nested) for item in part.items()]:
+        test, must = CONFIG_CHECKS.get(key, (None, None))
+        if test and value is not None and not test(value):
+            raise ValueError(f"{file}: key {key!r} must be {must}, got {json.dumps(value)}")
+
+    vocab = hf.get("vocab_size")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = hf.get(key) if isinstance(hf.get(key), list) else [hf.get(key)]
+        if is_count(vocab) and any(i is not None and not (type(i) is int and 0 <= i < vocab) for i in ids):
+            raise ValueError(f"{file}: key {key!r} must be a token id below vocab_size {vocab}, got "
+                             f"{json.dumps(hf[key])}")
+
+def config_from_hf(hf, file="config.json"):
     """Config from a config.json dict, in both layouts: older (rope_theta, torch_dtype) and transformers 5
-    (rope_parameters, dtype)."""
+    (rope_parameters, dtype); its values checked (check_config) and `file` named in errors."""
+    check_config(hf, file)
+    cfg = hf_config(hf, file)
+    if cfg.n_head % cfg.n_kv_head or (cfg.n_head * cfg.head_dim != cfg.d_model and not cfg.rope):
+        raise ValueError(f"{file}: {cfg.n_head} attention heads of size {cfg.head_dim} in {cfg.n_kv_head} key-value "
+                         f"groups do not fit a width of {cfg.d_model}")
+    return cfg
+
+def hf_config(hf, file):
+    """config_from_hf's mapping of each family's keys."""
     family = hf.get("model_type")
     common = dict(model_type=family, vocab_size=hf["vocab_size"], hf=hf,
                   tie_word_embeddings=hf.get("tie_word_embeddings", family in ("gpt2", "opt")),
                   dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", ""))
     if family == "gpt2":
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise ValueError("config.json: GPT-2's scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
+            raise ValueError(f"{file}: GPT-2's scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
                              "are not supported")
         width, heads = hf["n_embd"], hf["n_head"]
         return Config(d_model=width, n_layer=hf["n_layer"], n_head=heads, n_kv_head=heads, head_dim=width // heads,
@@ -85,7 +133,7 @@ def config_from_hf(hf):
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"config.json: rope type {rope_type!r} is not supported (only 'default')")
+            raise ValueError(f"{file}: rope type {rope_type!r} is not supported (only 'default')")
         width, heads, bias = hf["hidden_size"], hf["num_attention_heads"], hf.get("attention_bias", False)
         return Config(d_model=width, n_layer=hf["num_hidden_layers"], n_head=heads,
                       n_kv_head=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or width // heads,
@@ -93,7 +141,7 @@ def config_from_hf(hf):
                       act=hf.get("hidden_act", "silu"), norm_eps=hf.get("rms_norm_eps", 1e-6),
                       rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
                       qkv_bias=family == "qwen2" or bias, o_bias=bias, mlp_bias=hf.get("mlp_bias", False), **common)
-    raise ValueError(f"config.json: unsupported model_type {family!r} (supported: gpt2, opt, qwen2, llama)")
+    raise ValueError(f"{file}: unsupported model_type {family!r} (supported: gpt2, opt, qwen2, llama)")
 
 class RMSNormFunction(torch.autograd.Function):
     """y = w * n, n = x r, r = 1 / sqrt(mean(x^2) + eps), statistics in fp32 at least (as the reference code);
@@ -432,7 +480,7 @@ def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False)
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{path}: no config.json")
     try:
-        cfg = config_from_hf(read_json(cfg_file))
+        cfg = config_from_hf(read_json(cfg_file), cfg_file)
     except KeyError as e:
         raise KeyError(f"{cfg_file}: missing key {e.args[0]!r}") from None
     dtype = dtype or DTYPES.get(cfg.dtype, torch.float32)
@@ -454,6 +502,10 @@ def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False)
             with safe_open(where[name][0], "pt") as f:
                 parts.append(f.get_tensor(where[name][1]))
         tensor = torch.cat([p.t() if transposed else p for p in parts])
+        for name, part in zip(theirs, parts):
+            if not part.is_floating_point():
+                raise ValueError(f"{where[name][0]}: tensor {where[name][1]!r} has dtype {part.dtype}, not a "
+                                 "floating-point type")
         if tensor.shape != param.shape:
             file, key = where[theirs[0]]
             raise ValueError(f"{file}: tensor {key!r} has shape {tuple(parts[0].shape)}, config.json implies "
@@ -536,12 +588,13 @@ def load_tokenizer(path):
                                                            special_tokens=[(bos, tok.bos_id)])
     return tok
 
-def check_fits(model_path, cfg, tok, length, what):
-    """Fail before any work where the model cannot embed its input: token ids or (GPT-2, OPT) `length` positions."""
+def check_fits(model_path, cfg, tok, length, what, cache=False):
+    """Fail before any work where the model cannot embed its input: token ids or (GPT-2, OPT) `length` positions;
+    with cache=True (generation's KV cache, allocated whole) `length` is checked for RoPE models too."""
     if tok.get_vocab_size() > cfg.vocab_size:
         raise ValueError(f"{getattr(tok, 'file', 'the tokenizer')} has {tok.get_vocab_size()} tokens, more than the "
                          f"vocab_size {cfg.vocab_size} of {os.path.join(model_path, 'config.json')}")
-    if not cfg.rope and length > cfg.max_pos:
+    if (cache or not cfg.rope) and length > cfg.max_pos:
         raise ValueError(f"{what} exceed {model_path}'s max_position_embeddings {cfg.max_pos}")
 
 @torch.no_grad()

@@ -34,6 +34,15 @@ def run_script(main, args):
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+
+def copy_tokenizer(source, out):
+    """Copy the tokenizer files of the model folder `source` into `out`: every model folder a run writes is
+    read with its own tokenizer."""
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(out, name))
+
 def positive_int(text, least=1):  # least 0: a count where 0 means none (--warmup-steps, --save-every)
     if not text.lstrip("-").isdigit() or int(text) < least:
         raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")

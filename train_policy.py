@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -27,8 +26,7 @@ import runs
 from model import LORA_MODULES, apply_lora, check_fits, load_model, load_tokenizer, merge_lora, save_model
 from runs import positive_float, positive_int
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
-OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "log.jsonl") + TOKENIZER_FILES
+OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "log.jsonl") + runs.TOKENIZER_FILES
 
 def pair_weights(pairs, weighting, top_fraction):
     """-> (pairs, weights): CW-PO's confidence, all ones, or the top-N % most confident pairs with weight 1."""
@@ -198,7 +196,7 @@ def main(args):
         raise ValueError(f"--batch-size {args.batch_size} is smaller than the {world_size} ranks: each needs a pair")
     tok = load_tokenizer(args.model)
     model = load_trainable(args, tok, device)
-    examples = encode_examples(tok, data.load_pairs(args.data, args.format, skip_bad=args.skip_bad), args)
+    examples = encode_examples(tok, data.load_pairs(args.data, args.format, args.skip_bad, labeled=True), args)
     if rank == 0:
         runs.claim(args.out, OUTPUTS, args)
         print(f"{len(examples)} examples from {args.data}; model {args.model} on {device}")
@@ -210,9 +208,7 @@ def main(args):
     model = merge_lora(model)  # on every rank: a sharded model's adapters merge shard by shard
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0
     if rank == 0:
-        for name in TOKENIZER_FILES:  # the policy folder is a complete checkpoint; config.json is written last
-            if os.path.exists(os.path.join(args.model, name)):
-                shutil.copy(os.path.join(args.model, name), os.path.join(args.out, name))
+        runs.copy_tokenizer(args.model, args.out)  # the policy folder is a complete checkpoint
         save_model(model, args.out, state)
         print(f"saved {args.out}")
     if world_size > 1:  # every rank waits for rank 0's save; then leave without gloo's teardown, which can abort

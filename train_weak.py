@@ -24,7 +24,8 @@ import train_policy
 from model import load_tokenizer, merge_lora, save_model
 from runs import atomic_write
 
-OUTPUTS = ("model.safetensors", "config.json", "splits", "weak_labels.jsonl", "report.json", "log.jsonl")
+OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "splits", "weak_labels.jsonl",
+           "report.json", "log.jsonl") + runs.TOKENIZER_FILES
 
 def bt_objective(model, batch, micro, args):
     """The annotator's loss for train_policy.train: sum_i w_i * BT loss of the pair's scalar scores (cwpo.bt_loss),
@@ -101,7 +102,7 @@ def main(args):
     _, _, device = runs.distributed()
     torch.manual_seed(args.seed)
     eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # a count, or a fraction of all pairs
-    pairs = data.load_pairs(args.data, args.format, skip_bad=args.skip_bad)
+    pairs = data.load_pairs(args.data, args.format, args.skip_bad, labeled=True)
     labeled, unlabeled, heldout = data.split_pairs(pairs, args.labeled_fraction, eval_size, args.seed)
     print(f"{len(pairs)} pairs: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(heldout)} held out")
     if not labeled or not unlabeled:
@@ -112,7 +113,7 @@ def main(args):
     to_label = unlabeled  # or pairs that never had a label: answer_a / answer_b stand in for chosen / rejected
     if args.unlabeled:
         to_label = [{"prompt": p["prompt"], "chosen": p["answer_a"], "rejected": p["answer_b"]}
-                    for p in data.load_pairs(args.unlabeled, "unlabeled", skip_bad=args.skip_bad)]
+                    for p in data.load_pairs(args.unlabeled, "unlabeled", args.skip_bad, labeled=False)]
     runs.claim(args.out, OUTPUTS, args)
     rm, tok = train_annotator(labeled, args, device)
     # without held-out pairs the report is on the unlabeled pairs' hidden human labels: one scoring pass serves both
@@ -131,6 +132,7 @@ def main(args):
     write_jsonl(os.path.join(args.out, "weak_labels.jsonl"), labels)
     atomic_write(os.path.join(args.out, "report.json"),
                  lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=2)))
+    runs.copy_tokenizer(args.model, args.out)  # the annotator (a judge) is read with its own tokenizer
     save_model(merge_lora(rm), args.out)
     mean_confidence = np.mean([label["confidence"] for label in labels])
     print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence {mean_confidence:.3f})")
