@@ -68,7 +68,9 @@ def _answer_text(record, key):
 def _pairs(record):
     """{"prompt", "chosen", "rejected"}; UltraFeedback-binarized style answers may be chat-message lists. Without
     a "prompt" key the prompt is the content of the messages before the final assistant message."""
-    (chosen, history), (rejected, _) = _answer_text(record, "chosen"), _answer_text(record, "rejected")
+    (chosen, history), (rejected, other) = _answer_text(record, "chosen"), _answer_text(record, "rejected")
+    if history and other and history != other:  # two prompts: no pair
+        raise ValueError("keys 'chosen' and 'rejected' hold different chat histories before their answers")
     if "prompt" in record or not history:
         prompt = _field(record, "prompt")
     else:
