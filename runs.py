@@ -48,6 +48,16 @@ def positive_int(text, least=1):  # least 0: a count where 0 means none (--warmu
         raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
     return int(text)
 
+def fraction_or_count(text):
+    """A share in [0, 1) or a whole count >= 1 (--eval-size): neither 1.5, nor inf, nor nan."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 <= value < 1 or (1 <= value < math.inf and value.is_integer())):
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) or a whole count, got {text!r}")
+    return int(value) if value >= 1 else value
+
 def positive_float(text):  # a learning rate or a gradient-norm limit of 0 trains nothing, a negative one backwards
     if not 0 < float(text) < math.inf:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")

@@ -64,16 +64,17 @@ def weak_labels(pairs, score_a, score_b):
     return labeled
 
 def annotator_report(confidence, correct, n_bins=10):
-    """How good the weak labels are: accuracy with a 95 % interval (normal approximation), accuracy within the
+    """How good the weak labels are: accuracy with a 95 % interval (Wilson's), accuracy within the
     top 10 / 30 / 50 % and the bottom 50 % most confident, and the calibration of p = (1 + C) / 2 (the BT
     probability of the weak label) over n_bins equal-width bins of [0.5, 1]: per bin its mean p, accuracy and pair
     count (a reliability diagram), and the expected calibration error sum_b (n_b / n) |mean p_b - accuracy_b|."""
     confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
     order = np.argsort(-confidence, kind="stable")
-    accuracy = float(correct.mean())
-    half_width = 1.96 * math.sqrt(accuracy * (1 - accuracy) / len(correct))
-    report = {"pairs": len(correct), "accuracy": accuracy, "accuracy_lo": accuracy - half_width,
-              "accuracy_hi": accuracy + half_width}
+    accuracy, n, z = float(correct.mean()), len(correct), 1.96
+    center = (accuracy + z * z / (2 * n)) / (1 + z * z / n)  # Wilson's score interval: inside [0, 1]
+    half_width = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    report = {"pairs": n, "accuracy": accuracy, "accuracy_lo": max(0.0, center - half_width),
+              "accuracy_hi": min(1.0, center + half_width)}
     for top in (10, 30, 50):
         report[f"accuracy_top{top}"] = float(correct[order[:max(1, round(len(order) * top / 100))]].mean())
     report["accuracy_bottom50"] = float(correct[order[round(len(order) * 0.5):]].mean()) if len(order) > 1 else accuracy
@@ -143,7 +144,7 @@ def parser():
     p.set_defaults(objective="bt", lr=1e-5)
     p.add_argument("--labeled-fraction", type=float, default=0.3,
                    help="share of the (non-held-out) pairs whose human label is used")
-    p.add_argument("--eval-size", type=float, default=0.1, help="held-out pairs: a fraction (< 1) or a count")
+    p.add_argument("--eval-size", type=runs.fraction_or_count, default=0.1, help="held-out pairs: a fraction (< 1) or a count")
     p.add_argument("--unlabeled", help="label this file of (prompt, answer_a, answer_b) pairs instead of the rest")
     return p
 
