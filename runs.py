@@ -23,7 +23,18 @@ import cwpo
 
 def run_script(main, args):
     """main(args), with bad input (a missing or unreadable file, a malformed record, a bad value, a loss that
-    is no longer finite) reported as one line naming the file, line, key or step: no traceback."""
+    is no longer finite) reported as one line naming the file, line, key or step: no traceback. An --out that
+    the run made and left empty is removed."""
+    out = getattr(args, "out", None)
+    made = bool(out) and not os.path.exists(out)
+    try:
+        report_errors(main, args)
+    finally:
+        if made and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+
+def report_errors(main, args):
+    """main(args), its errors as one line (run_script)."""
     try:
         main(args)
     except OSError as e:  # str() names the path; e.args[0] would be the bare errno
@@ -133,7 +144,10 @@ def tidy(out, step):
         kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
     except (json.JSONDecodeError, TypeError, KeyError):
         raise ValueError(f"{path}: not a log of train_policy.py (a line is not a record with a step)") from None
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
+    if kept:
+        atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
+    elif os.path.exists(path):  # an empty log would stop the next run as an earlier run's
+        os.remove(path)
 
 UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "max_steps", "epochs")  # see `run` below
 LABELS = {"steps": "the run's length in steps (--max-steps, --epochs)",

@@ -178,14 +178,22 @@ def load_trainable(args, tok, device, reward=False):
     """args.model to train: all of it in fp32, or with --lora-rank a frozen base (bf16 on CUDA) with LoRA adapters;
     checked to embed tok's ids and --max-prompt-len + --max-answer-len positions (model.check_fits)."""
     modules = args.lora_modules.split(",")
-    if args.lora_rank < 0 or not args.lora_alpha > 0 or set(modules) - set(LORA_MODULES):
-        raise ValueError(f"--lora-rank must be >= 0, --lora-alpha > 0, --lora-modules a comma list of "
+    bad_modules = set(modules) - set(LORA_MODULES) or len(set(modules)) < len(modules)
+    if args.lora_rank < 0 or not args.lora_alpha > 0 or bad_modules:
+        raise ValueError(f"--lora-rank must be >= 0, --lora-alpha > 0, --lora-modules a comma list of distinct "
                          f"{','.join(LORA_MODULES)}; got {args.lora_rank}, {args.lora_alpha}, {args.lora_modules!r}")
     dtype = torch.bfloat16 if args.lora_rank and device.type == "cuda" else torch.float32
     model = load_model(args.model, dtype=dtype, device=device, reward=reward)
     check_fits(args.model, model.config, tok, args.max_prompt_len + args.max_answer_len,
                f"--max-prompt-len {args.max_prompt_len} + --max-answer-len {args.max_answer_len}")
-    return apply_lora(model, args.lora_rank, args.lora_alpha, modules) if args.lora_rank else model
+    if not args.lora_rank:
+        return model
+
+    model = apply_lora(model, args.lora_rank, args.lora_alpha, modules)
+    if not any(".lora_" in name for name, _ in model.named_parameters()):  # GPT-2 and OPT have no gate
+        raise ValueError(f"--lora-modules {args.lora_modules}: {args.model} ({model.config.model_type}) has none "
+                         "of these modules")
+    return model
 
 def main(args):
     rank, world_size, device = runs.distributed()

@@ -687,3 +687,30 @@ def test_a_damaged_train_state_is_one_line_naming_the_file(tiny_world, checkpoin
     file = damage_state(out, how)
     line = cli_error(main_argv(tiny_world, out, "--data", str(checkpointed[1]), "--resume"), capsys)
     assert file in line and STATE_DAMAGE[how] in line and "Traceback" not in line and "lower --lr" not in line, line
+
+
+def test_lora_modules_that_adapt_nothing_or_twice_are_one_line_before_any_work(tiny_world, tmp_path, capsys):
+    from model import GPT, config_from_hf, save_model
+    gpt2 = tmp_path / "gpt2"
+    save_model(GPT(config_from_hf(dict(model_type="gpt2", vocab_size=400, n_embd=16, n_layer=1, n_head=2,
+                                       n_positions=64))), str(gpt2))
+    runs.copy_tokenizer(tiny_world["model"], str(gpt2))
+    out = tmp_path / "x"
+    base = ["--model", tiny_world["model"], "--data", tiny_world["pairs"], "--out", str(out), "--lora-rank", "2"]
+    distinct = "--lora-modules a comma list of distinct"
+    cases = [(["--lora-modules", "qkv,qkv"], "'qkv,qkv'"),  # bug: a LoRA in a LoRA, AttributeError
+             (["--lora-modules", "o,o"], "'o,o'"),
+             (["--model", str(gpt2), "--lora-modules", "gate", "--max-prompt-len", "16", "--max-answer-len", "16"],
+              "--lora-modules gate: " + str(gpt2) + " (gpt2) has none of these modules")]  # bug: an empty --out
+    for flags, message in cases:
+        line = cli_error(base + flags, capsys)
+        assert message in line and (distinct in line) == ("," in message), (flags, line)
+        assert "Traceback" not in line and not out.exists(), (flags, line)
+
+
+def test_a_run_stopped_by_a_non_finite_loss_leaves_nothing_that_blocks_the_next(tiny_world, tmp_path, capsys):
+    out = tmp_path / "x"
+    line = cli_error(main_argv(tiny_world, out, "--lr", "1e6", "--log-every", "10", "--save-every", "0"), capsys)
+    assert "error: step" in line and not out.exists(), line  # bug: an empty log.jsonl
+    main_run(main_argv(tiny_world, out))  # bug: "holds an earlier run's log.jsonl"
+    assert [json.loads(r)["step"] for r in open(out / "log.jsonl")] == [1, 2]
