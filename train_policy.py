@@ -82,6 +82,11 @@ def train(model, examples, args, objective, rank=0, world_size=1, device=torch.d
     train_weak.bt_objective), one optimizer step per global batch of args.batch_size examples."""
     if not examples:
         raise ValueError("no training examples")
+    answers = [k for k in ("answer_ids", "chosen_ids", "rejected_ids") if k in examples[0]]
+    scored = any(len(ex[k]) > (not ex["prompt_ids"]) for ex in examples for k in answers)  # see data.collate
+    if args.objective != "bt" and not scored:  # the annotator's score is read at the last token, always there
+        raise ValueError(f"{args.data}: no answer token left to score after truncation to --max-prompt-len "
+                         f"{args.max_prompt_len} / --max-answer-len {args.max_answer_len} (nothing to train)")
     os.makedirs(args.out, exist_ok=True)
     getattr(model, "body", model).grad_checkpointing = args.grad_checkpointing  # a RewardModel's decoder is .body
     model = runs.shard(model, world_size, device)

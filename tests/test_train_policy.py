@@ -714,3 +714,19 @@ def test_a_run_stopped_by_a_non_finite_loss_leaves_nothing_that_blocks_the_next(
     assert "error: step" in line and not out.exists(), line  # bug: an empty log.jsonl
     main_run(main_argv(tiny_world, out))  # bug: "holds an earlier run's log.jsonl"
     assert [json.loads(r)["step"] for r in open(out / "log.jsonl")] == [1, 2]
+
+
+def test_nothing_to_train_is_refused_for_every_objective(tiny_world, tmp_path):
+    from model import load_model
+    model = load_model(tiny_world["model"], dtype=torch.float32)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # an empty prompt (no BOS) and a one-token answer: the answer's only token has no position to predict it
+    cases = {"sft": ([], {"prompt_ids": [], "answer_ids": [5]}),
+             "preference": (["--loss", "sigmoid"], {"prompt_ids": [], "chosen_ids": [5], "rejected_ids": [6],
+                                                    "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0})}
+    for name, (flags, example) in cases.items():
+        args = train_policy.parser().parse_args(main_argv(tiny_world, tmp_path / name, *flags))
+        args.objective = name
+        with pytest.raises(ValueError, match="no answer token left to score"):  # bug: SFT saved the model unchanged
+            train_policy.train(model, [dict(example)] * 4, args, train_policy.OBJECTIVES[name], log=lambda m: None)
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
