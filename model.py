@@ -525,7 +525,8 @@ def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False)
 
 def save_model(model, path, whole=None):
     """Write model.safetensors + config.json into the folder `path` in the HF layout, from `whole` (a sharded model's
-    gathered state dict) or the model's parameters; config.json is removed first, written last: no half a model."""
+    gathered state dict) or the model's parameters; config.json is removed first, written last: no half a model.
+    An earlier sharded save there (its index and shards) is removed: the folder holds one model."""
     cfg, reward = model.config, isinstance(model, RewardModel)
     whole, state = model.state_dict() if whole is None else whole, {}
     for ours, _ in model.named_parameters():  # a tied lm_head is not listed (HF does not store it either)
@@ -548,6 +549,12 @@ def save_model(model, path, whole=None):
     os.makedirs(path, exist_ok=True)
     if os.path.exists(os.path.join(path, "config.json")):
         os.remove(os.path.join(path, "config.json"))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):  # a sharded save's index is read before model.safetensors: it goes, with its shards
+        shards = {os.path.basename(f) for f in read_json(index).get("weight_map", {}).values()}
+        os.remove(index)
+        for shard in shards & set(os.listdir(path)):
+            os.remove(os.path.join(path, shard))
     atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(os.path.join(path, "config.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf, indent=2)))
 

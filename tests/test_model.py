@@ -471,3 +471,16 @@ def test_a_tensor_of_an_integer_dtype_is_one_line_naming_it(tmp_path):
     save_file(state, file)  # bug: silently cast to float (or fails later in a matmul)
     with pytest.raises(ValueError, match="'model.layers.0.self_attn.k_proj.weight' has dtype torch.int64"):
         load_model(str(tmp_path))
+
+
+def test_save_model_replaces_a_sharded_save_whole(tmp_path):
+    hf_model("llama-gqa").save_pretrained(str(tmp_path), max_shard_size="20KB")  # an earlier, sharded save
+    model = load_model(str(tmp_path))
+    torch.manual_seed(3)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    save_model(model, str(tmp_path))  # bug: the stale index and its shards stayed, and were read first
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("model-") or n.endswith(".index.json")]
+    ids = torch.randint(3, V, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(load_model(str(tmp_path))(ids), model(ids))
