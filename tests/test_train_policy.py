@@ -730,3 +730,10 @@ def test_nothing_to_train_is_refused_for_every_objective(tiny_world, tmp_path):
         with pytest.raises(ValueError, match="no answer token left to score"):  # bug: SFT saved the model unchanged
             train_policy.train(model, [dict(example)] * 4, args, train_policy.OBJECTIVES[name], log=lambda m: None)
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+
+
+def test_bench_memory_counts_are_at_least_one():
+    for flag in ("--repeats", "--steps", "--pairs"):  # bug: --repeats 0, statistics.median of nothing, a traceback
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), flag, "0"], cwd=ROOT,
+                              env=ENV, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and f"argument {flag}: must be an integer >= 1, got '0'" in done.stderr, done.stderr
