@@ -45,29 +45,29 @@ def main(args):
     if not args.policy:
         return world.experiment(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(args.policy)
+    paths = {"policy": args.policy, "sft": args.sft}
+    toks = {name: load_tokenizer(path) for name, path in paths.items()}  # each reads its own tokens
+    judge_tok = load_tokenizer(args.judge)  # a folder without its tokenizer stops the run
     pairs = formats.load_pairs(args.prompts)
     prompts = sorted({p["prompt"] for p in pairs})[:args.eval_prompts]
-    prompt_ids = [data.encode_prompt(tok, p, 256) for p in prompts]
-
+    prompt_ids = {name: [data.encode_prompt(tok, p, 256) for p in prompts]
+                  for name, tok in toks.items()}
     judge = load_model(args.judge, dtype=torch.float32, device=device, reward=True,
                        trained_head=True).eval()
-    tokenizer_files = ("tokenizer.json", "vocab.json")
-    has_tokenizer = any(os.path.exists(os.path.join(args.judge, f)) for f in tokenizer_files)
-    judge_tok = load_tokenizer(args.judge) if has_tokenizer else tok  # a judge may have its own
 
     # checked before generation; the judge's again on the answers, in judge_scores
-    longest = max(map(len, prompt_ids)) + args.max_new_tokens
-    for path in (args.policy, args.sft):
-        cfg = config_from_hf(read_json(os.path.join(path, "config.json")))
-        check_fits(path, cfg, tok, longest, "the prompts + --max-new-tokens")
+    for name, path in paths.items():
+        cfg_file = os.path.join(path, "config.json")
+        longest = max(map(len, prompt_ids[name])) + args.max_new_tokens
+        check_fits(path, config_from_hf(read_json(cfg_file), cfg_file), toks[name], longest,
+                   "the prompts + --max-new-tokens", cache=True)
     judge_longest = max(len(judge_tok.encode(p).ids) for p in prompts) + args.max_new_tokens + 1
     check_fits(args.judge, judge.config, judge_tok, judge_longest, "the prompts + --max-new-tokens + EOS")
 
     answers, scores = {}, {}
-    for name, path in (("policy", args.policy), ("sft", args.sft)):
-        answers[name] = generate_answers(load_model(path, device=device), tok, prompt_ids,
-                                         args.max_new_tokens)
+    for name, path in paths.items():
+        model = load_model(path, device=device)
+        answers[name] = generate_answers(model, toks[name], prompt_ids[name], args.max_new_tokens)
         scores[name] = judge_scores(args.judge, judge, judge_tok, prompts, answers[name], device)
 
     result = win_rate(scores["policy"], scores["sft"])

@@ -68,7 +68,9 @@ def _answer_text(record, key):
 def _pairs(record):
     """{"prompt", "chosen", "rejected"}; UltraFeedback-binarized style answers may be chat-message lists. Without
     a "prompt" key the prompt is the content of the messages before the final assistant message."""
-    (chosen, history), (rejected, _) = _answer_text(record, "chosen"), _answer_text(record, "rejected")
+    (chosen, history), (rejected, other) = _answer_text(record, "chosen"), _answer_text(record, "rejected")
+    if history and other and history != other:  # two prompts: no pair
+        raise ValueError("keys 'chosen' and 'rejected' hold different chat histories before their answers")
     if "prompt" in record or not history:
         prompt = _field(record, "prompt")
     else:
@@ -94,11 +96,12 @@ def detect_format(record):
         return "hh" if "prompt" not in keys and isinstance(record["chosen"], str) else "pairs"
     raise ValueError(f"cannot tell the format from keys {sorted(keys)}; pass fmt= one of {tuple(PARSERS)}")
 
-def load_pairs(path, fmt="auto", skip_bad=False):
+def load_pairs(path, fmt="auto", skip_bad=False, labeled=False):
     """Read preference pairs from a .jsonl, .jsonl.gz or .parquet file: a list of {"prompt", "chosen", "rejected"}
     dicts ({"prompt", "answer_a", "answer_b"} for fmt="unlabeled"). fmt "auto" takes the format of the first record.
     A malformed record raises ValueError naming the file, the 1-based line (or row) and the key; with skip_bad=True
-    it is skipped instead and one line on stderr says how many were. Blank lines are not records."""
+    it is skipped instead and one line on stderr says how many were. Blank lines are not records. With labeled=True
+    (training) unlabeled pairs, which have no "chosen", are refused."""
     if fmt != "auto" and fmt not in PARSERS:
         raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {tuple(PARSERS)}")
     parquet = str(path).endswith(".parquet")
@@ -114,6 +117,9 @@ def load_pairs(path, fmt="auto", skip_bad=False):
                     raise ValueError("a record must be a JSON object")
                 if fmt == "auto":
                     fmt = detect_format(record)
+                if fmt == "unlabeled" and labeled:
+                    raise ValueError("an unlabeled pair (answer_a / answer_b): a labeled pair (chosen / "
+                                     "rejected) is needed here")
                 pairs.append(PARSERS[fmt](record))
             except ValueError as e:
                 if not skip_bad:

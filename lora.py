@@ -44,6 +44,9 @@ def apply_lora(model, rank, alpha, modules=tuple(LORA_MODULES)):
             owner = getattr(block, owner_name)
             if getattr(owner, attr) is not None:  # GPT-2 and OPT have no gate
                 setattr(owner, attr, LoRALinear(getattr(owner, attr), rank, alpha))
+    if not any(".lora_" in name for name, _ in model.named_parameters()):  # GPT-2, OPT: no gate
+        raise ValueError(f"--lora-modules {','.join(modules)}: a {model.config.model_type} model has "
+                         "none of these modules")
     if isinstance(model, RewardModel):
         model.score.float().requires_grad_(True)
     return model

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from runs import atomic_write
+from runs import atomic_write, check_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = {
@@ -68,9 +68,19 @@ class Config:
         """Llama, Qwen2/3, Mistral: RoPE and RMSNorm; GPT-2, OPT: learned positions, LayerNorm."""
         return self.model_type not in ("gpt2", "opt")
 
-def config_from_hf(hf):
+def config_from_hf(hf, file="config.json"):
     """Config from a config.json dict, in both layouts: older (rope_theta, torch_dtype) and
-    transformers 5 (rope_parameters, dtype)."""
+    transformers 5 (rope_parameters, dtype); every value it reads checked first (runs.check_config),
+    `file` named in errors."""
+    check_config(hf, file, ACTIVATIONS)
+    cfg = family_config(hf, file)
+    if cfg.n_head % cfg.n_kv_head or (cfg.n_head * cfg.head_dim != cfg.d_model and not cfg.rope):
+        raise ValueError(f"{file}: {cfg.n_head} attention heads of size {cfg.head_dim} in "
+                         f"{cfg.n_kv_head} key-value groups do not fit a width of {cfg.d_model}")
+    return cfg
+
+def family_config(hf, file):
+    """config_from_hf's mapping of each family's keys to Config."""
     family = hf.get("model_type")
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
     tied = hf.get("tie_word_embeddings", family in ("gpt2", "opt"))
@@ -79,7 +89,7 @@ def config_from_hf(hf):
 
     if family == "gpt2":
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise ValueError("config.json: GPT-2's scale_attn_by_inverse_layer_idx / "
+            raise ValueError(f"{file}: GPT-2's scale_attn_by_inverse_layer_idx / "
                              "reorder_and_upcast_attn are not supported")
         width, heads = hf["n_embd"], hf["n_head"]
         return Config(d_model=width, n_layer=hf["n_layer"], n_head=heads, n_kv_head=heads,
@@ -105,7 +115,7 @@ def config_from_hf(hf):
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_type = rope.setdefault("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3", "yarn"):
-            raise ValueError(f"config.json: rope type {rope_type!r} is not supported "
+            raise ValueError(f"{file}: rope type {rope_type!r} is not supported "
                              "(only 'default', 'llama3', 'yarn')")
         width, heads = hf["hidden_size"], hf["num_attention_heads"]
         max_pos = hf.get("max_position_embeddings", 4096)
@@ -126,7 +136,7 @@ def config_from_hf(hf):
         rope_inv_freq(cfg, "cpu")  # a rope key missing raises its KeyError here, not in a forward
         return cfg
 
-    raise ValueError(f"config.json: unsupported model_type {family!r} "
+    raise ValueError(f"{file}: unsupported model_type {family!r} "
                      "(supported: gpt2, opt, qwen2, qwen3, llama, mistral)")
 
 # ----------------------------------------------------------------------------------- Layers
@@ -560,7 +570,7 @@ def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False)
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{path}: no config.json")
     try:
-        cfg = config_from_hf(read_json(cfg_file))
+        cfg = config_from_hf(read_json(cfg_file), cfg_file)
     except KeyError as e:
         raise KeyError(f"{cfg_file}: missing key {e.args[0]!r}") from None
     dtype = dtype or DTYPES.get(cfg.dtype, torch.float32)
@@ -585,6 +595,10 @@ def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False)
                 raise KeyError(f"{path}: checkpoint lacks tensor {PREFIXES[cfg.model_type] + name!r} (for {ours})")
             with safe_open(where[name][0], "pt") as f:
                 parts.append(f.get_tensor(where[name][1]))
+        for name, part in zip(theirs, parts):
+            if not part.is_floating_point():
+                raise ValueError(f"{where[name][0]}: tensor {where[name][1]!r} has dtype {part.dtype}, "
+                                 "not a floating-point type")
         tensor = torch.cat([p.t() if transposed else p for p in parts])
         if tensor.shape != param.shape:
             file, key = where[theirs[0]]
@@ -609,7 +623,7 @@ def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False)
 def save_model(model, path, whole=None):
     """Write model.safetensors + config.json into the folder `path` in the HF layout, from `whole`
     (a sharded model's gathered state dict) or the model's parameters; config.json is removed first,
-    written last: no half a model."""
+    written last: no half a model. An earlier sharded save there (index and shards) is removed."""
     cfg = model.config
     reward = isinstance(model, RewardModel)
     whole = model.state_dict() if whole is None else whole
@@ -640,6 +654,12 @@ def save_model(model, path, whole=None):
     config_file = os.path.join(path, "config.json")
     if os.path.exists(config_file):
         os.remove(config_file)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):  # read before model.safetensors: it goes, with its shards
+        shards = {os.path.basename(f) for f in read_json(index).get("weight_map", {}).values()}
+        os.remove(index)
+        for shard in shards & set(os.listdir(path)):
+            os.remove(os.path.join(path, shard))
     atomic_write(os.path.join(path, "model.safetensors"),
                  lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(config_file, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf, indent=2)))
@@ -687,15 +707,16 @@ def load_tokenizer(path):
             single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.bos_id)])
     return tok
 
-def check_fits(model_path, cfg, tok, length, what):
+def check_fits(model_path, cfg, tok, length, what, cache=False):
     """Fail before any work where the model cannot embed its input: token ids or (GPT-2, OPT)
     `length` positions; or where a sliding window (Mistral, Qwen's use_sliding_window) would cut
-    `length` tokens: the window is not applied, so it is refused."""
+    `length` tokens: the window is not applied, so it is refused. With cache=True (generation's KV
+    cache, allocated whole) `length` is checked against max_position_embeddings for RoPE too."""
     if tok.get_vocab_size() > cfg.vocab_size:
         config_file = os.path.join(model_path, "config.json")
         raise ValueError(f"{getattr(tok, 'file', 'the tokenizer')} has {tok.get_vocab_size()} "
                          f"tokens, more than the vocab_size {cfg.vocab_size} of {config_file}")
-    if not cfg.rope and length > cfg.max_pos:
+    if (cache or not cfg.rope) and length > cfg.max_pos:
         raise ValueError(f"{what} exceed {model_path}'s max_position_embeddings {cfg.max_pos}")
     if cfg.sliding_window and length > cfg.sliding_window:
         raise ValueError(f"{what} exceed {model_path}'s sliding_window {cfg.sliding_window} "

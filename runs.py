@@ -4,6 +4,7 @@ torchrun and FSDP2, and the memory a run will need. train_policy.py and train_we
 none of it changes what is computed.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -22,7 +23,18 @@ import cwpo
 
 def run_script(main, args):
     """main(args), with bad input (a missing or unreadable file, a malformed record, a bad value, a loss that
-    is no longer finite) reported as one line naming the file, line, key or step: no traceback."""
+    is no longer finite) reported as one line naming the file, line, key or step: no traceback. An --out that
+    the run made and left empty is removed."""
+    out = getattr(args, "out", None)
+    made = bool(out) and not os.path.exists(out)
+    try:
+        report_errors(main, args)
+    finally:
+        if made and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+
+def report_errors(main, args):
+    """main(args), its errors as one line (run_script)."""
     try:
         main(args)
     except OSError as e:  # str() names the path; e.args[0] would be the bare errno
@@ -33,10 +45,29 @@ def run_script(main, args):
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+
+def copy_tokenizer(source, out):
+    """Copy the tokenizer files of the model folder `source` into `out`: every model folder a run writes is
+    read with its own tokenizer."""
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(out, name))
+
 def positive_int(text, least=1):  # least 0: a count where 0 means none (--warmup-steps, --save-every)
     if not text.lstrip("-").isdigit() or int(text) < least:
         raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
     return int(text)
+
+def fraction_or_count(text):
+    """A share in [0, 1) or a whole count >= 1 (--eval-size): neither 1.5, nor inf, nor nan."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 <= value < 1 or (1 <= value < math.inf and value.is_integer())):
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) or a whole count, got {text!r}")
+    return int(value) if value >= 1 else value
 
 def positive_float(text):  # a learning rate or a gradient-norm limit of 0 trains nothing, a negative one backwards
     if not 0 < float(text) < math.inf:
@@ -61,15 +92,43 @@ def atomic_write(path, write):
 
 def claim(out, outputs, args):
     """A run owns its folder: without --resume, an earlier run's checkpoints or outputs in OUT stop the run, or
-    are removed first with --overwrite, so that no file of two runs ends up side by side."""
-    if args.resume or not os.path.isdir(out):
+    are removed first with --overwrite, so that no file of two runs ends up side by side. With --resume, OUT
+    must hold a run to continue: a finished run's outputs without a checkpoint are never replaced. An OUT that
+    is an input (or inside one), or that would remove or rewrite an input, is refused."""
+    found = sorted(n for n in os.listdir(out) if n in outputs or n.startswith("checkpoint-")) \
+        if os.path.isdir(out) else []
+    check_inputs(out, outputs, args)
+
+    if args.resume:
+        finished = [n for n in found if n != "log.jsonl" and not n.startswith("checkpoint-")]
+        if finished and not checkpoints(out):
+            raise ValueError(f"--out {out} holds a finished run's {', '.join(finished[:3])} and no checkpoint "
+                             "to resume: leave out --resume and pass --overwrite to replace it, or another --out")
         return
-    found = sorted(n for n in os.listdir(out) if n in outputs or n.startswith("checkpoint-"))
+
     if found and not args.overwrite:
-        raise ValueError(f"--out {out} holds an earlier run's {', '.join(found[:3])}: pass --resume to continue it, "
-                         "--overwrite to replace it, or another --out")
+        raise ValueError(f"--out {out} holds an earlier run's {', '.join(found[:3])}: pass --resume to continue "
+                         "it, --overwrite to replace it, or another --out")
     for name in found:
         remove(os.path.join(out, name))
+
+INPUTS = ("model", "data", "unlabeled")  # the flags whose files a run reads
+
+def check_inputs(out, outputs, args):
+    """Refuse an OUT that is an input folder or lies inside one, and an input that lies among OUT's outputs
+    (which the run removes or rewrites): the input stays intact."""
+    target = os.path.realpath(out)
+    for flag in INPUTS:
+        path = getattr(args, flag, None)
+        if not path:
+            continue
+        source = os.path.realpath(path)
+        if target == source or target.startswith(source + os.sep):
+            raise ValueError(f"--out {out} is --{flag} {path} or inside it: write the output elsewhere")
+        part = os.path.relpath(source, target).split(os.sep)[0]
+        if source.startswith(target + os.sep) and (part in outputs or part.startswith("checkpoint-")):
+            raise ValueError(f"--{flag} {path} is an output of --out {out}, which the run would replace: "
+                             "copy it elsewhere first")
 
 def remove(path):
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -85,13 +144,28 @@ def tidy(out, step):
         kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
     except (json.JSONDecodeError, TypeError, KeyError):
         raise ValueError(f"{path}: not a log of train_policy.py (a line is not a record with a step)") from None
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
+    if kept:
+        atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("".join(kept)))
+    elif os.path.exists(path):  # an empty log would stop the next run as an earlier run's
+        os.remove(path)
 
-UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "max_steps", "epochs")  # resume may change
+UNCOMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "max_steps", "epochs")  # see `run` below
+LABELS = {"steps": "the run's length in steps (--max-steps, --epochs)",
+          "data_sha256": "the encoded data's sha256 (--data)"}
 
-def settings(args):
-    """What decides a run's result (model, data, every training flag): stored in its checkpoints, compared on resume."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in UNCOMPARED}
+def settings(args, run):
+    """What decides a run's result (model, data, every training flag, and `run`: its length in steps and the
+    sha256 of the examples it trains on): stored in its checkpoints, compared on resume."""
+    flags = {k: v for k, v in vars(args).items() if k not in UNCOMPARED}
+    return dict(sorted({**flags, **run}.items()))
+
+def fingerprint(examples):
+    """sha256 of encoded examples (token ids, weights; not the reference log-probs computed from them): what a
+    run trains on, wherever its file lies and whatever its name."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(repr(sorted((k, v) for k, v in example.items() if not k.startswith("ref_"))).encode())
+    return digest.hexdigest()
 
 def checkpoints(out):
     """Complete checkpoint folders OUT/checkpoint-STEP, oldest first."""
@@ -102,7 +176,7 @@ def trainable_state(model):
     """{name: tensor} of the parameters that train: all of them, or LoRA's adapters (and an annotator's head)."""
     return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
-def save_checkpoint(model, optimizer, step, args, rank):
+def save_checkpoint(model, optimizer, step, args, rank, run):
     """The parameters that train (all, or LoRA's adapters) and their AdamW state, gathered whole to rank 0 and
     written into a temporary folder that one rename makes OUT/checkpoint-STEP: a kill at any moment leaves the
     previous checkpoint whole. Older ones are removed."""
@@ -114,18 +188,22 @@ def save_checkpoint(model, optimizer, step, args, rank):
         return
     tmp = os.path.join(args.out, f"checkpoint-{step}.tmp")  # tidy() removed any left by a kill
     os.makedirs(tmp)
-    state = {"model": params, "optimizer": optim, "step": step, "settings": settings(args)}
+    state = {"model": params, "optimizer": optim, "step": step, "settings": settings(args, run)}
     torch.save(state, os.path.join(tmp, "train_state.pt"))
     os.replace(tmp, os.path.join(args.out, f"checkpoint-{step}"))
     for old in checkpoints(args.out)[:-1]:
         shutil.rmtree(old)
 
-def resume(model, optimizer, args, log):
+STATE = {"model": dict, "optimizer": dict, "step": int, "settings": dict}  # a train_state.pt's keys
+
+def resume(model, optimizer, args, log, run):
     """Load the newest complete checkpoint into model and optimizer -> its step (0 when there is none). Refused when
-    it was made with other settings or for parameters of other names or shapes."""
+    it was made with other settings (`run`: see settings) or does not fit: any value of its train_state.pt that
+    is not what save_checkpoint writes is one line naming the file."""
     found = checkpoints(args.out)
     if not found:
         return 0
+
     file = os.path.join(found[-1], "train_state.pt")
     try:  # weights_only: plain tensors and containers, never code that a crafted file would run
         state = torch.load(file, weights_only=True, mmap=True)
@@ -133,21 +211,55 @@ def resume(model, optimizer, args, log):
         raise ValueError(f"{file}: not a plain training state ({str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"{file}: unreadable, truncated? ({str(e).splitlines()[0]})") from None
-    saved, now = state.get("settings", {}), settings(args)
-    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {now.get(k)!r} now"
+    check_state(state, file, trainable_state(model), run["steps"])
+
+    saved, now = state["settings"], settings(args, run)
+    differ = [f"{LABELS.get(k, '--' + k.replace('_', '-'))} {saved.get(k)!r} there, {now.get(k)!r} now"
               for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if differ:
         raise ValueError(f"{found[-1]} was made with other settings: {'; '.join(differ)} (use another --out)")
-    shapes = {name: tuple(p.shape) for name, p in trainable_state(model).items()}
-    for name in sorted(set(shapes) | set(state["model"])):
-        there = tuple(state["model"][name].shape) if name in state["model"] else None
-        if there != shapes.get(name):
-            raise ValueError(f"{file}: tensor {name} has shape {there}, the model {args.model} {shapes.get(name)}")
+    if state["step"] != int(found[-1].rsplit("-", 1)[1]):
+        raise ValueError(f"{file}: step {state['step']} in the folder of step {found[-1].rsplit('-', 1)[1]}")
+
     options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen base is not in a checkpoint
     set_model_state_dict(model, state["model"], options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    try:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{file}: the optimizer state does not fit the model ({e!r})") from None
     log(f"resumed from {found[-1]} at step {state['step']}")
     return state["step"]
+
+def check_state(state, file, trained, steps):
+    """A train_state.pt's content as save_checkpoint writes it, or a ValueError naming the file and the key: its
+    keys and their types, a step inside the run, each tensor of the model's name, shape and dtype, and every
+    tensor (the optimizer's too) finite."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: not a training state (a {type(state).__name__}, not a dict)")
+    for key, kind in STATE.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise ValueError(f"{file}: key {key!r} is missing or not a {kind.__name__}")
+    if not 0 < state["step"] < steps:
+        raise ValueError(f"{file}: step {state['step']} lies outside the run's {steps} steps")
+
+    for name in sorted(set(trained) | set(state["model"])):
+        there, here = state["model"].get(name), trained.get(name)
+        if not isinstance(there, torch.Tensor) or here is None or there.shape != here.shape:
+            shape = tuple(there.shape) if isinstance(there, torch.Tensor) else None
+            here_shape = None if here is None else tuple(here.shape)
+            raise ValueError(f"{file}: tensor {name} has shape {shape}, the model {here_shape}")
+        if there.dtype != here.dtype:
+            raise ValueError(f"{file}: tensor {name} has dtype {there.dtype}, the model {here.dtype}")
+
+    tensors = [("model", state["model"]), ("optimizer", state["optimizer"])]
+    while tensors:
+        where, value = tensors.pop()
+        if isinstance(value, dict):
+            tensors += [(f"{where}.{k}", v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            tensors += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not value.isfinite().all():
+            raise ValueError(f"{file}: {where} holds NaN or inf")
 
 def distributed():
     """(rank, world size, device): torchrun's environment when present, else one process."""
@@ -239,3 +351,57 @@ def write_jsonl(path, records):
     """records as JSON lines, atomically (atomic_write)."""
     text = "".join(json.dumps(r) + "\n" for r in records)
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
+
+def is_count(value):
+    return type(value) is int and value >= 1
+
+def is_positive(value):
+    return type(value) in (int, float) and 0 < value < math.inf
+
+# config.json key -> (test of its value, what it must be); a key absent or null is not tested
+CONFIG_CHECKS = {
+    **dict.fromkeys(("vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "n_inner",
+                     "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "intermediate_size", "ffn_dim",
+                     "max_position_embeddings", "word_embed_proj_dim", "sliding_window",
+                     "original_max_position_embeddings"), (is_count, "an integer >= 1")),
+    **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps", "rope_theta", "factor",
+                     "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"),
+                    (is_positive, "a positive number")),
+    "initializer_range": (lambda v: v == 0 or is_positive(v), "a number >= 0"),
+    **dict.fromkeys(("tie_word_embeddings", "do_layer_norm_before", "enable_bias", "attention_bias",
+                     "mlp_bias", "_remove_final_layer_norm", "use_sliding_window"),
+                    (lambda v: type(v) is bool, "true or false")),
+    **dict.fromkeys(("rope_parameters", "rope_scaling"), (lambda v: isinstance(v, dict), "an object")),
+}
+
+def check_config(hf, file, activations):
+    """Every value of config.json that model.config_from_hf reads, checked once against CONFIG_CHECKS,
+    the activation against `activations` and the special token ids against the vocabulary: a
+    ValueError naming the file and the key."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file}: not a JSON object but a {type(hf).__name__}")
+    nested = [hf[k] for k in ("rope_parameters", "rope_scaling") if isinstance(hf.get(k), dict)]
+    for key, value in [item for part in (hf, *nested) for item in part.items()]:
+        test, must = CONFIG_CHECKS.get(key, (None, None))
+        if key in ("activation_function", "hidden_act"):
+            test, must = (lambda v: v in activations), "one of " + ", ".join(activations)
+        if test and value is not None and not test(value):
+            raise ValueError(f"{file}: key {key!r} must be {must}, got {json.dumps(value)}")
+
+    vocab = hf.get("vocab_size")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = hf.get(key) if isinstance(hf.get(key), list) else [hf.get(key)]
+        if is_count(vocab) and any(i is not None and not (type(i) is int and 0 <= i < vocab) for i in ids):
+            raise ValueError(f"{file}: key {key!r} must be a token id below vocab_size {vocab}, "
+                             f"got {json.dumps(hf[key])}")
+
+def check_scored(examples, args):
+    """Refuse a run whose answers lost every token to truncation (nothing to train); the
+    annotator's score is read at the last token, always there."""
+    answers = [k for k in ("answer_ids", "chosen_ids", "rejected_ids") if k in examples[0]]
+    scored = any(len(ex[k]) > (not ex["prompt_ids"]) for ex in examples for k in answers)  # collate
+    if args.objective != "bt" and not scored:
+        raise ValueError(f"{args.data}: no answer token left to score after truncation to "
+                         f"--max-prompt-len {args.max_prompt_len} / --max-answer-len "
+                         f"{args.max_answer_len} (nothing to train)")

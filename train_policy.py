@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -31,10 +30,8 @@ from lora import LORA_MODULES, apply_lora, merge_lora
 from model import check_fits, load_model, load_tokenizer, save_model
 from runs import positive_float, positive_int
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json")
 OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json",
-           "log.jsonl") + TOKENIZER_FILES
+           "log.jsonl") + runs.TOKENIZER_FILES
 
 # ----------------------------------------------------------------------------------- Weights and reference
 
@@ -104,6 +101,7 @@ def train(model, examples, args, objective, rank=0, world_size=1, device=torch.d
     train_weak.bt_objective), one optimizer step per global batch of args.batch_size examples."""
     if not examples:
         raise ValueError("no training examples")
+    runs.check_scored(examples, args)
     os.makedirs(args.out, exist_ok=True)
     getattr(model, "body", model).grad_checkpointing = args.grad_checkpointing  # RewardModel: .body
     model = runs.shard(model, world_size, device)
@@ -116,7 +114,8 @@ def train(model, examples, args, objective, rank=0, world_size=1, device=torch.d
     total = args.max_steps or steps_per_epoch * args.epochs
     if total < 1:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
-    step = runs.resume(model, optimizer, args, log) if args.resume else 0
+    run = {"steps": total, "data_sha256": runs.fingerprint(examples)}  # compared on resume
+    step = runs.resume(model, optimizer, args, log, run) if args.resume else 0
     if rank == 0:
         runs.tidy(args.out, step)
 
@@ -153,7 +152,7 @@ def train(model, examples, args, objective, rank=0, world_size=1, device=torch.d
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         if args.save_every and step % args.save_every == 0 and step < total:
-            runs.save_checkpoint(model, optimizer, step, args, rank)
+            runs.save_checkpoint(model, optimizer, step, args, rank, run)
     return model
 
 def forward_backward(model, objective, batch, args, rank, world_size, device):
@@ -223,9 +222,10 @@ def load_trainable(args, tok, device, reward=False):
     with LoRA adapters; checked to embed tok's ids and --max-prompt-len + --max-answer-len
     positions (model.check_fits)."""
     modules = args.lora_modules.split(",")
-    if args.lora_rank < 0 or not args.lora_alpha > 0 or set(modules) - set(LORA_MODULES):
+    bad_modules = set(modules) - set(LORA_MODULES) or len(set(modules)) < len(modules)
+    if args.lora_rank < 0 or not args.lora_alpha > 0 or bad_modules:
         raise ValueError(f"--lora-rank must be >= 0, --lora-alpha > 0, --lora-modules a comma "
-                         f"list of {','.join(LORA_MODULES)}; got {args.lora_rank}, "
+                         f"list of distinct {','.join(LORA_MODULES)}; got {args.lora_rank}, "
                          f"{args.lora_alpha}, {args.lora_modules!r}")
     dtype = torch.bfloat16 if args.lora_rank and device.type == "cuda" else torch.float32
     model = load_model(args.model, dtype=dtype, device=device, reward=reward)
@@ -246,7 +246,7 @@ def main(args):
 
     tok = load_tokenizer(args.model)
     model = load_trainable(args, tok, device)
-    pairs = formats.load_pairs(args.data, args.format, skip_bad=args.skip_bad)
+    pairs = formats.load_pairs(args.data, args.format, args.skip_bad, labeled=True)
     examples = encode_examples(tok, pairs, args)
     if rank == 0:
         runs.claim(args.out, OUTPUTS, args)
@@ -263,9 +263,7 @@ def main(args):
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)  # whole on rank 0
     if rank == 0:
-        for name in TOKENIZER_FILES:  # the folder is a complete checkpoint; config.json comes last
-            if os.path.exists(os.path.join(args.model, name)):
-                shutil.copy(os.path.join(args.model, name), os.path.join(args.out, name))
+        runs.copy_tokenizer(args.model, args.out)  # the folder is a complete checkpoint
         save_model(model, args.out, state)
         print(f"saved {args.out}")
     if world_size > 1:  # every rank waits for rank 0's save, then leaves without gloo's teardown

@@ -27,7 +27,8 @@ from lora import merge_lora
 from model import load_tokenizer, save_model
 from runs import atomic_write, write_jsonl
 
-OUTPUTS = ("model.safetensors", "config.json", "splits", "weak_labels.jsonl", "report.json", "log.jsonl")
+OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "splits",
+           "weak_labels.jsonl", "report.json", "log.jsonl") + runs.TOKENIZER_FILES
 
 def bt_objective(model, batch):
     """The annotator's loss for train_policy.train: sum_i w_i * BT loss of the pair's scalar scores
@@ -71,7 +72,7 @@ def weak_labels(pairs, score_a, score_b):
     return labeled
 
 def annotator_report(confidences, correct, n_bins=10):
-    """How good the weak labels are: accuracy with a 95 % interval (normal approximation),
+    """How good the weak labels are: accuracy with a 95 % interval (Wilson's, inside [0, 1]),
     accuracy within the top 10 / 30 / 50 % and the bottom 50 % most confident, and the calibration
     of p = (1 + C) / 2 (the BT probability of the weak label) over n_bins equal-width bins of
     [0.5, 1]: per bin its mean p, accuracy and pair count (a reliability diagram), and the expected
@@ -81,10 +82,11 @@ def annotator_report(confidences, correct, n_bins=10):
     order = np.argsort(-confidences, kind="stable")
     n = len(correct)
 
-    accuracy = float(correct.mean())
-    half_width = 1.96 * math.sqrt(accuracy * (1 - accuracy) / n)
-    report = {"pairs": n, "accuracy": accuracy, "accuracy_lo": accuracy - half_width,
-              "accuracy_hi": accuracy + half_width}
+    accuracy, z = float(correct.mean()), 1.96
+    center = (accuracy + z * z / (2 * n)) / (1 + z * z / n)  # Wilson's score interval
+    half_width = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    report = {"pairs": n, "accuracy": accuracy, "accuracy_lo": max(0.0, center - half_width),
+              "accuracy_hi": min(1.0, center + half_width)}
     for top in (10, 30, 50):
         report[f"accuracy_top{top}"] = float(correct[order[:max(1, round(n * top / 100))]].mean())
     bottom = correct[order[round(n * 0.5):]]
@@ -110,11 +112,13 @@ def train_annotator(labeled, args, device, log=print):
     return rm, tok
 
 def main(args):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would run the whole job into one --out
+        raise ValueError("train_weak.py runs in one process: start it with python, not torchrun")
     _, _, device = runs.distributed()
     torch.manual_seed(args.seed)
-    eval_size = int(args.eval_size) if args.eval_size >= 1 else args.eval_size  # count or fraction
-    pairs = formats.load_pairs(args.data, args.format, skip_bad=args.skip_bad)
-    labeled, unlabeled, heldout = data.split_pairs(pairs, args.labeled_fraction, eval_size, args.seed)
+    pairs = formats.load_pairs(args.data, args.format, args.skip_bad, labeled=True)
+    labeled, unlabeled, heldout = data.split_pairs(pairs, args.labeled_fraction, args.eval_size,
+                                                   args.seed)
     print(f"{len(pairs)} pairs: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(heldout)} held out")
     if not labeled or not unlabeled:
         raise ValueError("the split left no labeled or no unlabeled pairs: change "
@@ -124,7 +128,7 @@ def main(args):
         raise ValueError(f"{args.data}: every pair the report is on has two identical answers: change --eval-size")
     to_label = unlabeled  # or pairs that never had a label: answer_a / answer_b as chosen / rejected
     if args.unlabeled:
-        never_labeled = formats.load_pairs(args.unlabeled, "unlabeled", skip_bad=args.skip_bad)
+        never_labeled = formats.load_pairs(args.unlabeled, "unlabeled", args.skip_bad)
         to_label = [{"prompt": p["prompt"], "chosen": p["answer_a"], "rejected": p["answer_b"]}
                     for p in never_labeled]
 
@@ -151,6 +155,7 @@ def main(args):
     write_jsonl(os.path.join(args.out, "weak_labels.jsonl"), labels)
     atomic_write(os.path.join(args.out, "report.json"),
                  lambda tmp: pathlib.Path(tmp).write_text(json.dumps(report, indent=2)))
+    runs.copy_tokenizer(args.model, args.out)  # the annotator (a judge) reads its own tokens
     save_model(merge_lora(rm), args.out)
     mean_confidence = np.mean([label["confidence"] for label in labels])
     print(f"wrote {args.out}/weak_labels.jsonl ({len(labels)} pairs, mean confidence {mean_confidence:.3f})")
@@ -161,7 +166,7 @@ def parser():
     p.set_defaults(objective="bt", lr=1e-5)
     p.add_argument("--labeled-fraction", type=float, default=0.3,
                    help="share of the (non-held-out) pairs whose human label is used")
-    p.add_argument("--eval-size", type=float, default=0.1,
+    p.add_argument("--eval-size", type=runs.fraction_or_count, default=0.1,
                    help="held-out pairs: a fraction (< 1) or a count")
     p.add_argument("--unlabeled",
                    help="label this file of (prompt, answer_a, answer_b) pairs instead of the rest")

@@ -189,13 +189,20 @@ def main(args):
                                         for name, est in estimates.items()))
 
 
+def count(text):
+    """A count >= 1 (--repeats 0 would take the median of nothing)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--batch", type=int, default=2, help="pairs per step")
-    p.add_argument("--seq", type=int, default=32, help="prompt tokens and answer tokens (each at most)")
-    p.add_argument("--pairs", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--steps", type=count, default=3)
+    p.add_argument("--batch", type=count, default=2, help="pairs per step")
+    p.add_argument("--seq", type=count, default=32, help="prompt tokens and answer tokens (each at most)")
+    p.add_argument("--pairs", type=count, default=8)
+    p.add_argument("--repeats", type=count, default=1)
     p.add_argument("--only", default="full,lora,fsdp2", help="a comma list of the variants to run")
     p.add_argument("--table", action="store_true", help="print the README table of the paper's students and stop")
     main(p.parse_args())

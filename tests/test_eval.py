@@ -40,6 +40,7 @@ def test_gra_command_against_transformers_generation_and_scoring(tiny_world, tmp
     save_model(load_model(tiny_world["model"], reward=True), str(judge))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(tiny_world["model"], name), other / name)
+        shutil.copy(os.path.join(tiny_world["model"], name), judge / name)
     prompts = sorted({json.loads(line)["prompt"] for line in open(tiny_world["pairs"])})[:20]
     tok = transformers.AutoTokenizer.from_pretrained(tiny_world["model"])
     rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(judge)).eval()
@@ -121,8 +122,10 @@ def test_bad_flags_are_one_line_before_any_work(tiny_world, tmp_path, capsys):
     save_model(GPT(config_from_hf(gpt2)), str(tmp_path / "gpt2"))
     save_model(load_model(tiny_world["model"], reward=True), str(tmp_path / "judge"))
     save_model(RewardModel(config_from_hf(gpt2)), str(tmp_path / "gpt2-judge"))
+    save_model(load_model(tiny_world["model"], reward=True), str(tmp_path / "bare-judge"))  # no tokenizer
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tiny_world["model"], name), tmp_path / "gpt2" / name)
+        for folder in ("gpt2", "judge", "gpt2-judge"):
+            shutil.copy(os.path.join(tiny_world["model"], name), tmp_path / folder / name)
     cases = [  # (flags, what the line must say); the bug each catches: a traceback, NaN results or a silent run
         (gra + lm_judge, "lacks tensor 'score.weight': a trained scalar head is needed"),  # GRA 0 or 100 at random
         (gra[:2] + gra[4:], "--policy, --sft, --judge and --prompts go together; given only --policy, --prompts"),
@@ -140,6 +143,10 @@ def test_bad_flags_are_one_line_before_any_work(tiny_world, tmp_path, capsys):
           "--judge", str(tmp_path / "judge"), "--max-new-tokens", "60"], "gpt2's max_position_embeddings 64"),
         (gra + ["--judge", str(tmp_path / "gpt2-judge"), "--max-new-tokens", "60"],  # before generation, not after
          "the prompts + --max-new-tokens + EOS exceed " + str(tmp_path / "gpt2-judge") + "'s max_position_embeddings"),
+        # issue 24: a model read with another's tokenizer; a RoPE model's KV cache of 32 TB
+        (gra + ["--judge", str(tmp_path / "bare-judge")], "bare-judge: no tokenizer.json"),
+        (gra + ["--judge", str(tmp_path / "judge"), "--max-new-tokens", "1000000000000"],
+         "the prompts + --max-new-tokens exceed " + tiny_world["model"] + "'s max_position_embeddings 256"),
     ]
     for flags, message in cases:
         line = cli_line(flags, capsys)
@@ -163,3 +170,64 @@ def test_judge_scores_checks_the_lengths_it_reads(tiny_world):
     with pytest.raises(ValueError, match=r"the prompts \+ answers it reads exceed J's max_position_embeddings 64"):
         gra.judge_scores("J", judge, tok, ["\n\nHuman: hi\n\nAssistant:"], [" Sure!" * 40], torch.device("cpu"))
     assert len(gra.judge_scores("J", judge, tok, ["\n\nHuman: hi\n\nAssistant:"], [" Sure!"], torch.device("cpu"))) == 1
+
+
+# --- issue 24: every model is read with its own tokenizer
+
+def own_tokenizer_model(tiny_world, folder, vocab_size, seed, reward=False):
+    """A model of the tiny world's shape with a tokenizer of its own (other texts, other merges, other ids)."""
+    import random
+    import world
+    from model import GPT, RewardModel, config_from_hf, save_model
+    rng = random.Random(seed)
+    texts = [p.upper() + world.world_answer(p, rng)[::-1] for p in world.world_prompts(200, seed=seed)]
+    tok = world.train_tokenizer(texts, vocab_size, str(folder))
+    hf = json.load(open(os.path.join(tiny_world["model"], "config.json")))
+    hf.update(vocab_size=tok.get_vocab_size(), bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+              pad_token_id=tok.pad_id)
+    torch.manual_seed(seed)
+    model = (RewardModel if reward else GPT)(config_from_hf(hf))
+    for p in model.parameters():  # large random weights: varied answers
+        torch.nn.init.normal_(p, std=0.5)
+    save_model(model, str(folder))
+    return tok
+
+
+def test_the_sft_model_answers_with_its_own_tokenizer(tiny_world, tmp_path, monkeypatch, capsys):
+    import data
+    import eval as gra
+    import formats
+    from generate import generate_answers
+    from model import load_model, load_tokenizer
+    sft = tmp_path / "sft"
+    sft_tok = own_tokenizer_model(tiny_world, sft, 300, seed=5)
+    judge = tmp_path / "judge"
+    own_tokenizer_model(tiny_world, judge, 400, seed=6, reward=True)
+    seen = {}
+
+    def recorded(path, judge_model, judge_tok, prompts, answers, device, batch_size=32):
+        seen[len(seen)] = answers
+        return [0.0] * len(answers)
+    monkeypatch.setattr(gra, "judge_scores", recorded)
+    gra.main(gra.parse_args(["--policy", tiny_world["model"], "--sft", str(sft), "--judge", str(judge),
+                             "--prompts", tiny_world["pairs"], "--eval-prompts", "4", "--max-new-tokens", "5"]))
+    prompts = sorted({p["prompt"] for p in formats.load_pairs(tiny_world["pairs"])})[:4]
+    ids = [data.encode_prompt(sft_tok, p, 256) for p in prompts]
+    expected = generate_answers(load_model(str(sft)), load_tokenizer(str(sft)), ids, 5)
+    assert seen[1] == expected  # bug: prompts encoded and answers decoded with the policy's tokenizer
+
+
+def test_a_judge_trained_by_train_weak_carries_and_reads_its_own_tokenizer(tiny_world, tmp_path, capsys):
+    import eval as gra
+    import train_weak
+    base, judge = tmp_path / "small-base", tmp_path / "judge"
+    own_tokenizer_model(tiny_world, base, 300, seed=8)
+    runs.run_script(train_weak.main, train_weak.parser().parse_args([
+        "--model", str(base), "--data", tiny_world["pairs"], "--out", str(judge), "--max-steps", "1",
+        "--batch-size", "4"]))
+    assert (judge / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()  # bug: none copied
+    capsys.readouterr()
+    gra.main(gra.parse_args(["--policy", tiny_world["model"], "--sft", tiny_world["model"], "--judge", str(judge),
+                             "--prompts", tiny_world["pairs"], "--eval-prompts", "3", "--max-new-tokens", "4"]))
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # bug: refused, "400 tokens, more
+    assert result["gra"] == 50.0 and result["prompts"] == 3  # than the vocab_size 300" (the policy's tokenizer)

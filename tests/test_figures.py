@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import train_weak
 import world
@@ -70,3 +71,16 @@ def test_bad_results_files_are_one_line_and_write_no_figure(tmp_path):
                           str(tmp_path / "ok")], capture_output=True, text=True)
     assert run.returncode == 0 and sorted(os.listdir(tmp_path / "ok")) == ["gra-30.svg", "gra-judge-30.svg",
                                                                       "reliability-30.svg"]
+
+
+def test_non_finite_numbers_draw_no_figure(tmp_path):
+    good = json.dumps(fake_results(2))
+    row = fake_results(2)["runs"][0]["summary"]["CW-DPO"]
+    for name, value in (("nan", "NaN"), ("inf", "Infinity"), ("huge", "1e999")):  # bug: cx="nan", cx="inf"
+        (tmp_path / name).write_text(good.replace(json.dumps(row["gra"]), value, 1))
+        out = tmp_path / ("figures-" + name)
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "figures.py"), str(tmp_path / name),
+                              str(out)], capture_output=True, text=True)
+        assert run.returncode != 0 and "not a finite number" in run.stderr and not out.exists(), run.stderr
+    with pytest.raises(ValueError, match="not a finite number"):  # drawn from Python, not from a file
+        figures.gra_svg({"x": {"gra": float("nan"), "lo": None, "hi": None}}, "t")

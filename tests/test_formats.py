@@ -196,3 +196,22 @@ def test_corrupt_gzip_confidence_and_record_kind_errors(tmp_path, capsys):
                                                    {"prompt": "p", "chosen": "a", "rejected": "b"}])
     assert len(formats.load_pairs(same)) == 2
     assert "1 pair(s)" in capsys.readouterr().err
+
+
+def test_a_pair_whose_two_chat_histories_disagree_is_refused(tmp_path):
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    bot = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+    records = [{"chosen": [user("hi"), bot("hello")], "rejected": [user("hi"), bot("go away")]},
+               {"chosen": [user("hi"), bot("hello")], "rejected": [user("bye"), bot("go away")]}]
+    path = write_records(tmp_path / "ufb.jsonl", records)
+    with pytest.raises(ValueError, match="line 2: keys 'chosen' and 'rejected' hold different chat histories"):
+        formats.load_pairs(path)  # bug: one pair with the chosen history's prompt
+    assert formats.load_pairs(write_records(tmp_path / "ok.jsonl", records[:1]))[0]["prompt"] == "hi"
+
+
+def test_training_data_must_be_labeled(tmp_path):
+    path = write_records(tmp_path / "u.jsonl", [{"prompt": "p", "answer_a": "a", "answer_b": "b"}])
+    for fmt in ("auto", "unlabeled"):  # bug: train_policy.py said only "error: chosen"
+        with pytest.raises(ValueError, match="u.jsonl, line 1: an unlabeled pair"):
+            formats.load_pairs(path, fmt, labeled=True)
+    assert formats.load_pairs(path)[0]["answer_a"] == "a"  # where a prompt is all that is read

@@ -445,3 +445,20 @@ def test_smollm2_tokenizer_matches_plain_bpe(smollm2):
         expected = plain_bpe(text, meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"], specials)
         assert tok.encode(text).ids == expected, text
         assert tok.decode(expected, skip_special_tokens=False) == text
+
+
+def test_a_folder_holding_a_sharded_save_is_owned_whole(tiny, tmp_path):
+    out = tmp_path / "out"
+    torch.manual_seed(1)
+    T.LlamaForCausalLM(tiny["cfg"]).save_pretrained(str(out), max_shard_size="20KB")  # an earlier, sharded save
+    before = sorted(os.listdir(out))
+    cmd = [sys.executable, os.path.join(TOOLS, "gguf_to_hf.py"), str(tiny["root"] / "tiny.gguf"), str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode != 0 and "holds an earlier checkpoint's" in run.stderr and "--overwrite" in run.stderr
+    assert sorted(os.listdir(out)) == before and "Traceback" not in run.stderr
+    run = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert not [n for n in os.listdir(out) if n.startswith("model-") or n.endswith(".index.json")]
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():  # bug: the stale index took precedence, the converted weights were never read
+        torch.testing.assert_close(load_model(str(out))(ids), tiny["hf"](input_ids=ids).logits, atol=1e-4, rtol=1e-4)

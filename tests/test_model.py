@@ -502,3 +502,53 @@ def test_a_sliding_window_shorter_than_the_sequences_is_refused_and_qwens_switch
     check_fits("q", config_from_hf(dict(qwen, sliding_window=16, use_sliding_window=False)), tok, 1000, "x")
     with pytest.raises(ValueError, match="sliding_window 16"):
         check_fits("q", config_from_hf(dict(qwen, sliding_window=16, use_sliding_window=True)), tok, 1000, "x")
+
+
+# --- issue 24: every value and tensor the loader reads, checked once where it reads them
+
+BAD_CONFIGS = {  # change to a valid config.json -> what the line names; bug: a traceback, or a model built anyway
+    "negative size": ({"intermediate_size": -64}, "key 'intermediate_size' must be an integer >= 1, got -64"),
+    "float for int": ({"num_hidden_layers": 2.0}, "key 'num_hidden_layers' must be an integer >= 1, got 2.0"),
+    "zero heads": ({"num_attention_heads": 0}, "key 'num_attention_heads' must be an integer >= 1"),
+    "eos beyond vocab": ({"eos_token_id": V}, f"key 'eos_token_id' must be a token id below vocab_size {V}"),
+    "bad eps": ({"rms_norm_eps": -1e-6}, "key 'rms_norm_eps' must be a positive number"),
+    "bad activation": ({"hidden_act": "gelu_fancy"}, "key 'hidden_act' must be one of"),
+    "bool as string": ({"tie_word_embeddings": "yes"}, "key 'tie_word_embeddings' must be true or false"),
+    "rope theta": ({"rope_parameters": {"rope_type": "default", "rope_theta": "big"}}, "key 'rope_theta'"),
+    "kv groups": ({"num_key_value_heads": 3}, "4 attention heads of size 8 in 3 key-value groups"),
+    "a list": (None, "config.json: not a JSON object but a list"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_config_values_a_model_cannot_have_are_one_line_naming_the_key(tmp_path, case):
+    hf_model("llama-gqa").save_pretrained(str(tmp_path))
+    change, message = BAD_CONFIGS[case]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps([cfg] if change is None else dict(cfg, **change)))
+    with pytest.raises(ValueError) as info:
+        load_model(str(tmp_path))
+    assert message in str(info.value) and str(tmp_path / "config.json") in str(info.value), str(info.value)
+
+
+def test_a_tensor_of_an_integer_dtype_is_one_line_naming_it(tmp_path):
+    hf_model("llama-gqa").save_pretrained(str(tmp_path))
+    file = str(tmp_path / "model.safetensors")
+    state = load_file(file)
+    state["model.layers.0.self_attn.k_proj.weight"] = state["model.layers.0.self_attn.k_proj.weight"].long()
+    save_file(state, file)  # bug: silently cast to float (or fails later in a matmul)
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.k_proj.weight' has dtype torch.int64"):
+        load_model(str(tmp_path))
+
+
+def test_save_model_replaces_a_sharded_save_whole(tmp_path):
+    hf_model("llama-gqa").save_pretrained(str(tmp_path), max_shard_size="20KB")  # an earlier, sharded save
+    model = load_model(str(tmp_path))
+    torch.manual_seed(3)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    save_model(model, str(tmp_path))  # bug: the stale index and its shards stayed, and were read first
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("model-") or n.endswith(".index.json")]
+    ids = torch.randint(3, V, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(load_model(str(tmp_path))(ids), model(ids))

@@ -579,10 +579,164 @@ def test_bad_lora_flags_are_one_clear_line(tiny_world, tmp_path, capsys):
 def test_lora_checkpoints_hold_adapters_only_and_resume_to_the_same_run(tiny_world, tmp_path):
     lora = ["--lora-rank", "2", "--lora-modules", "qkv,up", "--save-every", "1"]
     plain = run(tiny_world, tmp_path / "plain", *lora)
-    run(tiny_world, tmp_path / "cut", *lora, "--max-steps", "2")  # leaves checkpoint-1, the same as plain's
-    state = torch.load(tmp_path / "cut" / "checkpoint-1" / "train_state.pt", weights_only=True)
+    shutil.copytree(tmp_path / "plain", tmp_path / "cut")  # as if killed after checkpoint-2 was written
+    for name in ("model.safetensors", "config.json"):
+        os.remove(tmp_path / "cut" / name)
+    state = torch.load(tmp_path / "cut" / "checkpoint-2" / "train_state.pt", weights_only=True)
     assert all(".lora_" in name for name in state["model"]) and len(state["model"]) == 2 * 2 * 2  # no merged copy
-    assert os.listdir(tmp_path / "cut" / "checkpoint-1") == ["train_state.pt"]
+    assert os.listdir(tmp_path / "cut" / "checkpoint-2") == ["train_state.pt"]
     resumed = run(tiny_world, tmp_path / "cut", *lora, "--resume")  # bug: adapters not restored, or A drawn anew
     assert_same_run(plain, resumed)
     assert all(torch.equal(plain[1][name], resumed[1][name]) for name in plain[1])
+
+
+# --- issue 24: nothing lost, nothing silent
+
+def main_run(argv):
+    runs.run_script(train_policy.main, train_policy.parser().parse_args(argv))
+
+
+def test_resume_with_nothing_to_resume_never_replaces_a_finished_run(tiny_world, tmp_path, capsys):
+    out = tmp_path / "out"
+    main_run(main_argv(tiny_world, out, "--save-every", "0"))  # finished: a model and a log, no checkpoint
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    line = cli_error(main_argv(tiny_world, out, "--save-every", "0", "--resume", "--sft"), capsys)
+    assert "holds a finished run's" in line and "no checkpoint" in line, line  # bug: a new run replaced it
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_an_output_that_is_the_input_is_refused(tiny_world, tmp_path, capsys):
+    from model import load_model
+    model = tmp_path / "model"
+    shutil.copytree(tiny_world["model"], model)
+    data = model / "pairs.jsonl"
+    shutil.copy(tiny_world["pairs"], data)
+    before = {n: (model / n).read_bytes() for n in os.listdir(model)}
+    for out, flag in ((model, "--model"), (model / "sub", "--model"), (tmp_path / "x", "--data")):
+        argv = main_argv(tiny_world, out, "--model", str(model), "--overwrite")
+        if flag == "--data":  # --data lies inside --out's files that --overwrite would remove
+            (tmp_path / "x").mkdir()
+            shutil.copy(tiny_world["pairs"], tmp_path / "x" / "log.jsonl")
+            argv = main_argv(tiny_world, out, "--data", str(tmp_path / "x" / "log.jsonl"), "--overwrite")
+        line = cli_error(argv, capsys)  # bug: --overwrite deleted the model's tokenizer files, then "saved"
+        assert flag in line and "Traceback" not in line, line
+    assert {n: (model / n).read_bytes() for n in os.listdir(model)} == before
+    assert (tmp_path / "x" / "log.jsonl").exists()
+    load_model(str(model))
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tiny_world, tmp_path_factory):
+    """A finished 2-step run that kept its step-1 checkpoint, on a copy of the pairs: (out folder, data file)."""
+    root = tmp_path_factory.mktemp("checkpointed")
+    shutil.copy(tiny_world["pairs"], root / "pairs.jsonl")
+    main_run(main_argv(tiny_world, root / "out", "--data", str(root / "pairs.jsonl")))
+    return root / "out", root / "pairs.jsonl"
+
+
+def resume_line(tiny_world, checkpointed, tmp_path, capsys, *extra, data=None):
+    """Resume a copy of the checkpointed run, with `extra` flags -> the one line it stops with."""
+    out = tmp_path / "out"
+    shutil.copytree(checkpointed[0], out)
+    argv = main_argv(tiny_world, out, "--data", str(data or checkpointed[1]), "--resume", *extra)
+    return cli_error(argv, capsys)
+
+
+def test_resume_refuses_data_rewritten_at_the_same_path(tiny_world, checkpointed, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"  # the same name, other pairs: the answers swapped
+    rows = [json.loads(line) for line in open(checkpointed[1])]
+    data.write_text("".join(json.dumps(dict(r, chosen=r["rejected"], rejected=r["chosen"])) + "\n" for r in rows))
+    line = resume_line(tiny_world, checkpointed, tmp_path, capsys, "--data", str(data))
+    assert "the encoded data's sha256" in line, line  # bug: the run went on with the new pairs, exit 0
+
+
+@pytest.mark.parametrize("flags", [["--max-steps", "3"], ["--max-steps", "0", "--epochs", "2"]])
+def test_resume_refuses_another_run_length(tiny_world, checkpointed, tmp_path, capsys, flags):
+    line = resume_line(tiny_world, checkpointed, tmp_path, capsys, *flags)
+    assert "--max-steps, --epochs" in line and " 2 there" in line, line  # bug: a schedule neither run follows
+
+
+def damage_state(out, how):
+    file = out / "checkpoint-1" / "train_state.pt"
+    state = torch.load(file, weights_only=True)
+    if how == "list":
+        state = list(state.values())
+    elif how == "step_beyond":
+        state["step"] = 99
+    elif how.startswith("missing_"):
+        del state[how.removeprefix("missing_")]
+    elif how == "nan_optimizer":
+        first = next(iter(state["optimizer"]["state"].values()))
+        first["exp_avg"][0] = float("nan")
+    elif how == "broken_optimizer":
+        state["optimizer"]["state"] = {"wte.weight": 3}
+    elif how == "int_tensor":
+        name = next(iter(state["model"]))
+        state["model"][name] = state["model"][name].long()
+    torch.save(state, file)
+    return str(file)
+
+
+STATE_DAMAGE = {  # how -> what the line says beside the file's name; bug: a traceback, a bare key, or a wrong run
+    "list": "not a training state", "step_beyond": "step 99", "missing_model": "key 'model'",
+    "missing_step": "key 'step'", "nan_optimizer": "NaN or inf", "broken_optimizer": "optimizer state",
+    "int_tensor": "dtype torch.int64"}
+
+
+@pytest.mark.parametrize("how", STATE_DAMAGE)
+def test_a_damaged_train_state_is_one_line_naming_the_file(tiny_world, checkpointed, tmp_path, capsys, how):
+    out = tmp_path / "out"
+    shutil.copytree(checkpointed[0], out)
+    file = damage_state(out, how)
+    line = cli_error(main_argv(tiny_world, out, "--data", str(checkpointed[1]), "--resume"), capsys)
+    assert file in line and STATE_DAMAGE[how] in line and "Traceback" not in line and "lower --lr" not in line, line
+
+
+def test_lora_modules_that_adapt_nothing_or_twice_are_one_line_before_any_work(tiny_world, tmp_path, capsys):
+    from model import GPT, config_from_hf, save_model
+    gpt2 = tmp_path / "gpt2"
+    save_model(GPT(config_from_hf(dict(model_type="gpt2", vocab_size=400, n_embd=16, n_layer=1, n_head=2,
+                                       n_positions=64))), str(gpt2))
+    runs.copy_tokenizer(tiny_world["model"], str(gpt2))
+    out = tmp_path / "x"
+    base = ["--model", tiny_world["model"], "--data", tiny_world["pairs"], "--out", str(out), "--lora-rank", "2"]
+    distinct = "--lora-modules a comma list of distinct"
+    cases = [(["--lora-modules", "qkv,qkv"], "'qkv,qkv'"),  # bug: a LoRA in a LoRA, AttributeError
+             (["--lora-modules", "o,o"], "'o,o'"),
+             (["--model", str(gpt2), "--lora-modules", "gate", "--max-prompt-len", "16", "--max-answer-len", "16"],
+              "--lora-modules gate: a gpt2 model has none of these modules")]  # bug: an empty --out
+    for flags, message in cases:
+        line = cli_error(base + flags, capsys)
+        assert message in line and (distinct in line) == ("," in message), (flags, line)
+        assert "Traceback" not in line and not out.exists(), (flags, line)
+
+
+def test_a_run_stopped_by_a_non_finite_loss_leaves_nothing_that_blocks_the_next(tiny_world, tmp_path, capsys):
+    out = tmp_path / "x"
+    line = cli_error(main_argv(tiny_world, out, "--lr", "1e6", "--log-every", "10", "--save-every", "0"), capsys)
+    assert "error: step" in line and not out.exists(), line  # bug: an empty log.jsonl
+    main_run(main_argv(tiny_world, out))  # bug: "holds an earlier run's log.jsonl"
+    assert [json.loads(r)["step"] for r in open(out / "log.jsonl")] == [1, 2]
+
+
+def test_nothing_to_train_is_refused_for_every_objective(tiny_world, tmp_path):
+    from model import load_model
+    model = load_model(tiny_world["model"], dtype=torch.float32)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # an empty prompt (no BOS) and a one-token answer: the answer's only token has no position to predict it
+    cases = {"sft": ([], {"prompt_ids": [], "answer_ids": [5]}),
+             "preference": (["--loss", "sigmoid"], {"prompt_ids": [], "chosen_ids": [5], "rejected_ids": [6],
+                                                    "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0})}
+    for name, (flags, example) in cases.items():
+        args = train_policy.parser().parse_args(main_argv(tiny_world, tmp_path / name, *flags))
+        args.objective = name
+        with pytest.raises(ValueError, match="no answer token left to score"):  # bug: SFT saved the model unchanged
+            train_policy.train(model, [dict(example)] * 4, args, train_policy.objective_of(args), log=lambda m: None)
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+
+
+def test_bench_memory_counts_are_at_least_one():
+    for flag in ("--repeats", "--steps", "--pairs"):  # bug: --repeats 0, statistics.median of nothing, a traceback
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"), flag, "0"], cwd=ROOT,
+                              env=ENV, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and f"argument {flag}: must be an integer >= 1, got '0'" in done.stderr, done.stderr

@@ -34,8 +34,9 @@ def test_annotator_report_matches_naive_computation():
     assert report["accuracy"] == pytest.approx(correct.mean())
     for name, part in (("top10", ranked[:20]), ("top30", ranked[:60]), ("top50", ranked[:100]), ("bottom50", ranked[100:])):
         assert report[f"accuracy_{name}"] == pytest.approx(np.mean([c for _, c in part]))
-    half_width = 1.96 * math.sqrt(correct.mean() * (1 - correct.mean()) / 200)
-    assert (report["accuracy_lo"], report["accuracy_hi"]) == pytest.approx((correct.mean() - half_width, correct.mean() + half_width))
+    z, p = 1.96, correct.mean()  # Wilson's score interval
+    center, half_width = (p + z * z / 400) / (1 + z * z / 200), z * math.sqrt(p * (1 - p) / 200 + z * z / 160000) / (1 + z * z / 200)
+    assert (report["accuracy_lo"], report["accuracy_hi"]) == pytest.approx((center - half_width, center + half_width))
     ece, bins = 0.0, list(report["bins"])
     for b in range(10):  # bins of p = (1 + C) / 2 over [0.5, 1]
         inside = [(0.5 + c / 2, ok) for c, ok in zip(confidence, correct) if b / 10 <= c < (b + 1) / 10]
@@ -124,3 +125,31 @@ def test_lora_annotator_trains_its_adapters_and_its_whole_head(tiny_world, tmp_p
     assert all(".lora_" in name for name in trained if name != "score.weight")
     assert not torch.equal(trained["score.weight"], start.score.weight)  # bug: the head frozen with the base
     assert torch.equal(rm.body.h[0].mlp.up.linear.weight, start.body.h[0].mlp.up.weight)
+
+
+# --- issue 24: nothing lost, nothing silent
+
+def test_torchrun_is_refused_before_any_work(tiny_world, tmp_path, monkeypatch):
+    out = tmp_path / "weak"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; bug: each rank ran the whole job into one --out
+    argv = ["--model", tiny_world["model"], "--data", tiny_world["pairs"], "--out", str(out), "--max-steps", "1"]
+    with pytest.raises(SystemExit) as info:
+        runs.run_script(train_weak.main, train_weak.parser().parse_args(argv))
+    assert "train_weak.py runs in one process" in str(info.value.code) and not out.exists()
+
+
+def test_the_accuracy_interval_stays_inside_0_and_1():
+    report = train_weak.annotator_report([0.9, 0.8, 0.7, 0.6], [1, 1, 1, 0])  # bug: the normal interval's 1.174
+    assert (report["accuracy_lo"], report["accuracy_hi"]) == pytest.approx((0.30064, 0.95441), abs=1e-5)
+    report = train_weak.annotator_report([0.9] * 5, [1] * 5)
+    assert 0 <= report["accuracy_lo"] < report["accuracy_hi"] == 1.0
+
+
+@pytest.mark.parametrize("size", ["1.5", "inf", "nan", "-0.1", "-2", "x"])
+def test_eval_size_is_a_fraction_or_a_whole_count(size, capsys):
+    argv = ["--model", "m", "--data", "d", "--out", "o", "--eval-size", size]
+    with pytest.raises(SystemExit):  # bug: 1.5 silently one pair; inf and nan tracebacks
+        train_weak.parser().parse_args(argv)
+    assert f"argument --eval-size: must be a fraction in [0, 1) or a whole count, got '{size}'" in capsys.readouterr().err
+    for good, value in (("0.25", 0.25), ("10", 10), ("0", 0.0)):
+        assert train_weak.parser().parse_args(argv[:-1] + [good]).eval_size == value

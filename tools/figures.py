@@ -6,7 +6,9 @@ reliability_svg: the annotator's reliability diagram (accuracy per confidence bi
 probability, with the pair count per bin); gra_svg: GRA per method with its 95 % interval; results_markdown.
 """
 import json
+import math
 import os
+import re
 import sys
 from xml.sax.saxutils import escape
 
@@ -14,6 +16,10 @@ W, H, LEFT, RIGHT, TOP, BOTTOM = 640, 400, 60, 20, 40, 50  # canvas and margins,
 
 
 def _svg(width, height, title, body):
+    """The SVG document; a coordinate or size that is not a finite number (nan, inf) is refused."""
+    bad = re.search(r'="(-?(nan|inf))"', "".join(body))
+    if bad:
+        raise ValueError(f"{title}: a value to draw is not a finite number ({bad.group(1)})")
     head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
             f'font-size="12"><rect width="100%" height="100%" fill="white"/>'
             f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>')
@@ -159,16 +165,34 @@ def write_figures(figures, out_dir):
     return [os.path.join(out_dir, name) for name in figures]
 
 
+class NotFinite(Exception):
+    """A number of results.json that no figure can draw."""
+
+
+def not_finite(text):
+    raise NotFinite(text)
+
+
+def finite(text):
+    """json's parse_float: a float, NaN-free and finite (1e999 parses as inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise NotFinite(text)
+    return value
+
+
 def main(argv):
     """results.json -> its figures; a missing, truncated or malformed file is one line, and no figure written."""
     if len(argv) != 2:
         raise SystemExit(__doc__)
     try:
         with open(argv[0]) as f:
-            figures = render_figures(json.load(f))
+            figures = render_figures(json.load(f, parse_constant=not_finite, parse_float=finite))
         print("\n".join(write_figures(figures, argv[1])))
     except OSError as e:
         raise SystemExit(f"error: {e}")
+    except NotFinite as e:
+        raise SystemExit(f"error: {argv[0]}: {e} is not a finite number: a figure cannot draw it")
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {argv[0]}: not valid JSON ({e})")
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:

@@ -337,14 +337,32 @@ def _atomic_write(path, write):
             os.remove(tmp)
 
 
-def convert(gguf_path, out_dir):
-    """GGUF file -> Hugging Face folder. Everything is built in memory and checked before the first file is written."""
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                    "merges.txt", "special_tokens_map.json")  # beside *.safetensors and model.safetensors.index.json
+
+
+def earlier_checkpoint(out_dir):
+    """The files of an earlier checkpoint in out_dir (weights, shards, index, config, tokenizer), sorted."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted(n for n in names if n in CHECKPOINT_FILES or n.endswith((".safetensors", ".safetensors.index.json")))
+
+
+def convert(gguf_path, out_dir, overwrite=False):
+    """GGUF file -> Hugging Face folder. Everything is built in memory and checked before the first file is written.
+    The folder is owned whole: an earlier checkpoint there stops the conversion, or with overwrite is removed first
+    (a stale sharded index would be read instead of the converted weights)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir}: the output path exists and is not a folder")
+    earlier = earlier_checkpoint(out_dir)
+    if earlier and not overwrite:
+        raise ValueError(f"{out_dir} holds an earlier checkpoint's {', '.join(earlier[:3])}: pass --overwrite to "
+                         "replace it, or another folder")
     gguf = read_gguf(gguf_path)
     config = llama_config(gguf)
     tok = build_tokenizer(gguf)
     state = llama_state(gguf, config)
+    for name in earlier:
+        os.remove(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
 
     def write_json(name, obj):
@@ -365,10 +383,11 @@ def convert(gguf_path, out_dir):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("gguf", help="a Llama-architecture .gguf file (F32, F16, Q8_0, Q4_0 or Q4_1 tensors)")
-    p.add_argument("out", help="output folder (created; files in it are replaced)")
+    p.add_argument("out", help="output folder (created; an earlier checkpoint there needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="remove an earlier checkpoint's files from OUT first")
     args = p.parse_args()
     try:
-        summary = convert(args.gguf, args.out)
+        summary = convert(args.gguf, args.out, args.overwrite)
     except (ValueError, OSError) as e:  # bad input (a directory, a file in the output's place): one line
         raise SystemExit(f"error: {e}")
     print(f"wrote {args.out}: {json.dumps(summary)}")
