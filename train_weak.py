@@ -59,7 +59,8 @@ def weak_labels(pairs, score_a, score_b):
     labeled = []
     for p, win, c, sa, sb in zip(pairs, a_wins.tolist(), confidence.tolist(), score_a.tolist(), score_b.tolist()):
         chosen, rejected = (p["chosen"], p["rejected"]) if win else (p["rejected"], p["chosen"])
-        labeled.append({"prompt": p["prompt"], "chosen": chosen, "rejected": rejected, "score_chosen": max(sa, sb),
+        prompt = {k: p[k] for k in ("prompt", "messages") if k in p}  # a chat prompt keeps its messages
+        labeled.append({**prompt, "chosen": chosen, "rejected": rejected, "score_chosen": max(sa, sb),
                         "score_rejected": min(sa, sb), "confidence": c, "human_agrees": int(win)})
     return labeled
 
@@ -90,7 +91,8 @@ def write_jsonl(path, records):
 
 def train_annotator(labeled, args, device, log=print):
     """A reward model from args.model, trained with BT on the labeled pairs; -> (model, tokenizer)."""
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, args.chat_template)
+    log(formats.form(tok, labeled))
     rm = train_policy.load_trainable(args, tok, device, reward=True)
     log(runs.memory_line(rm.config, args, 1, device, reward=True))
     train_policy.train(rm, train_policy.encode_pairs(tok, labeled, args), args, bt_objective, device=device, log=log)
