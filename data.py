@@ -1,5 +1,6 @@
-"""Data for CW-PO: the labeled / unlabeled / held-out split, the one tokenization path (chat templates too)
-and the one batch layout (collate). The files are read by formats.py; the built-in world is world.py.
+"""Data for CW-PO: the labeled / unlabeled / held-out split, the one tokenization path (chat
+templates too) and the one batch layout (collate). formats.py reads the files; world.py is the
+built-in world.
 """
 import functools
 import json
@@ -37,14 +38,13 @@ def split_pairs(pairs, labeled_fraction, eval_size, seed):
 
 def prompt_of(tok, pair):
     """A pair's prompt as the encode functions take it: its chat messages where the data is
-    conversational and tok has a chat template (TRL applies it by the data's form), else its text."""
+    conversational and tok has a chat template (TRL decides by the data's form), else its text."""
     return pair["messages"] if tok.chat_template and "messages" in pair else pair["prompt"]
 
 @functools.lru_cache
 def compile_template(source):
-    """A chat template in the environment of transformers' apply_chat_template
-    (utils/chat_template_utils.py): jinja2's immutable sandbox, trim_blocks and lstrip_blocks,
-    loop controls, a tojson that keeps non-ASCII, raise_exception and strftime_now."""
+    """A chat template in transformers' environment (utils/chat_template_utils.py): the immutable
+    sandbox, trim_blocks, lstrip_blocks, loopcontrols, tojson, raise_exception, strftime_now."""
     def raise_exception(message):
         raise jinja2.TemplateError(message)
 
@@ -61,8 +61,9 @@ def render(tok, messages, generation_prompt):
     ids = {"bos_token": tok.bos_id, "eos_token": tok.eos_id}
     special = {name: tok.id_to_token(i) for name, i in ids.items() if i is not None}
     try:
-        text = compile_template(tok.chat_template).render(messages=messages, tools=None, documents=None,
-                                                          add_generation_prompt=generation_prompt, **special)
+        template = compile_template(tok.chat_template)
+        text = template.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=generation_prompt, **special)
     except jinja2.TemplateError as e:
         raise ValueError(f"{tok.template_file}: the chat template fails to render ({e})") from None
     return tok.encode(text, add_special_tokens=False).ids
@@ -70,9 +71,9 @@ def render(tok, messages, generation_prompt):
 # ----------------------------------------------------------------------------------- Tokenization
 
 def encode_prompt(tok, prompt, max_len):
-    """Prompt ids: text with the tokenizer's special tokens (BOS), a chat (a list of messages) as its
-    template renders it with the generation prompt (TRL). Truncated from the LEFT so the end of the
-    prompt, next to the answer, survives; a leading BOS is kept when truncating."""
+    """Prompt ids: text with the tokenizer's special tokens (BOS), a chat (a list of messages) as
+    its template renders it with the generation prompt (TRL). Truncated from the LEFT so the end of
+    the prompt, next to the answer, survives; a leading BOS is kept when truncating."""
     ids = render(tok, prompt, True) if isinstance(prompt, list) else tok.encode(prompt).ids
     if len(ids) <= max_len:
         return ids
@@ -82,13 +83,13 @@ def encode_prompt(tok, prompt, max_len):
 def encode_answer(tok, answer, max_len, prompt=None):
     """Answer ids, truncated from the RIGHT (a truncated answer loses its end). After a chat prompt:
     the assistant turn and its end-of-turn token, the rendered prompt + answer past the rendered
-    prompt (TRL), which must start it; after a text prompt: the answer, no special tokens, plus EOS."""
+    prompt (TRL), which must start it; after text: the answer, no special tokens, plus EOS."""
     if isinstance(prompt, list):
         head = render(tok, prompt, True)
         ids = render(tok, prompt + [{"role": "assistant", "content": answer}], False)
         if ids[:len(head)] != head:
-            raise ValueError(f"{tok.template_file}: the chat template's rendering of prompt + answer "
-                             "does not start with its rendering of the prompt (+ generation prompt)")
+            raise ValueError(f"{tok.template_file}: the chat template's rendering of prompt + "
+                             "answer does not start with its rendering of the prompt")
         return ids[len(head):max_len + len(head)]
     if tok.eos_id is None:
         raise ValueError("the tokenizer has no EOS token (tok.eos_id is None)")

@@ -28,8 +28,8 @@ import runs
 from model import LORA_MODULES, apply_lora, check_fits, load_model, load_tokenizer, merge_lora, save_model
 from runs import positive_float, positive_int
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "chat_template.jinja")
 OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "log.jsonl") + TOKENIZER_FILES
 
 def pair_weights(pairs, weighting, top_fraction):
@@ -160,14 +160,14 @@ def train(model, examples, args, objective, rank=0, world_size=1, device=torch.d
 
 def encode_pairs(tok, pairs, args):
     """Preference pairs -> encoded pairs (data.encode_pair), truncated to --max-prompt-len / --max-answer-len."""
-    return [data.encode_pair(tok, data.prompt_of(tok, p), p["chosen"], p["rejected"], args.max_prompt_len,
-                             args.max_answer_len) for p in pairs]
+    return [data.encode_pair(tok, data.prompt_of(tok, p), p["chosen"], p["rejected"],
+                             args.max_prompt_len, args.max_answer_len) for p in pairs]
 
 def encode_examples(tok, pairs, args):
     """Pairs -> encoded examples: chosen answers only for SFT, else preference pairs with their weights."""
     if args.objective == "sft":
-        return [data.encode_prompt_answer(tok, data.prompt_of(tok, p), p["chosen"], args.max_prompt_len,
-                                          args.max_answer_len) for p in pairs]
+        return [data.encode_prompt_answer(tok, data.prompt_of(tok, p), p["chosen"],
+                                          args.max_prompt_len, args.max_answer_len) for p in pairs]
     pairs, weights = pair_weights(pairs, args.weighting, args.top_fraction)
     if not any(weights):  # every loss would be multiplied by 0: refused rather than trained for nothing
         flag = f"--top-fraction {args.top_fraction}" if args.weighting == "top" else f"--weighting {args.weighting}"
@@ -242,10 +242,10 @@ def add_training_args(p):
     count = lambda text: positive_int(text, 0)  # noqa: E731
     p.add_argument("--model", required=True, help="starting checkpoint folder (a policy's is also its reference)")
     p.add_argument("--data", required=True, help="pairs file (.jsonl[.gz] / .parquet): HH-RLHF, TL;DR, UltraFeedback")
-    p.add_argument("--format", default="auto", help="data format for formats.load_pairs (hh, tldr, ufb, pairs; "
-                   "hh-chat: HH-RLHF as user / assistant turns)")
+    p.add_argument("--format", default="auto", help="data format for formats.load_pairs (hh, "
+                   "tldr, ufb, pairs; hh-chat: HH-RLHF as user / assistant turns)")
     p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
-                   help="render conversational data with the checkpoint's chat template (TRL); off: plain text")
+                   help="conversational data rendered with the chat template (TRL); off: plain")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--epochs", type=positive_int, default=1)

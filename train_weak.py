@@ -59,9 +59,10 @@ def weak_labels(pairs, score_a, score_b):
     labeled = []
     for p, win, c, sa, sb in zip(pairs, a_wins.tolist(), confidence.tolist(), score_a.tolist(), score_b.tolist()):
         chosen, rejected = (p["chosen"], p["rejected"]) if win else (p["rejected"], p["chosen"])
-        prompt = {k: p[k] for k in ("prompt", "messages") if k in p}  # a chat prompt keeps its messages
-        labeled.append({**prompt, "chosen": chosen, "rejected": rejected, "score_chosen": max(sa, sb),
-                        "score_rejected": min(sa, sb), "confidence": c, "human_agrees": int(win)})
+        prompt = {k: p[k] for k in ("prompt", "messages") if k in p}  # a chat keeps its messages
+        labeled.append({**prompt, "chosen": chosen, "rejected": rejected,
+                        "score_chosen": max(sa, sb), "score_rejected": min(sa, sb),
+                        "confidence": c, "human_agrees": int(win)})
     return labeled
 
 def annotator_report(confidence, correct, n_bins=10):
