@@ -39,7 +39,8 @@ def split_pairs(pairs, labeled_fraction, eval_size, seed):
 def prompt_of(tok, pair):
     """A pair's prompt as the encode functions take it: its chat messages where the data is
     conversational and tok has a chat template (TRL decides by the data's form), else its text."""
-    return pair["messages"] if tok.chat_template and "messages" in pair else pair["prompt"]
+    chat = getattr(tok, "chat_template", None)  # None too for a tokenizer built in code (world.py)
+    return pair["messages"] if chat and "messages" in pair else pair["prompt"]
 
 @functools.lru_cache
 def compile_template(source):

@@ -157,7 +157,7 @@ def load_pairs(path, fmt="auto", skip_bad=False):
 def form(tok, pairs):
     """The line each run prints once: which form its prompts are read in (data.prompt_of decides)."""
     chat = any("messages" in p for p in pairs)
-    if chat and tok.chat_template:
+    if chat and getattr(tok, "chat_template", None):
         return f"prompts: chat messages rendered with the chat template of {tok.template_file}"
     return "prompts: plain text" + (", though the data is conversational (no chat template)" * chat)
 
