@@ -1,8 +1,15 @@
-"""Data for CW-PO: the labeled / unlabeled / held-out split, the one tokenization path and the one
-batch layout (collate). The files are read by formats.py; the built-in synthetic world is world.py.
+"""Data for CW-PO: the labeled / unlabeled / held-out split, the one tokenization path (chat
+templates too) and the one batch layout (collate). formats.py reads the files; world.py is the
+built-in world.
 """
+import functools
+import json
+from datetime import datetime
+
+import jinja2.ext
 import numpy as np
 import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # ----------------------------------------------------------------------------------- The split
 
@@ -26,20 +33,64 @@ def split_pairs(pairs, labeled_fraction, eval_size, seed):
     heldout = order[:n_eval]
     return tuple([pairs[i] for i in sorted(part)] for part in (labeled, unlabeled, heldout))
 
+# ----------------------------------------------------------------------------------- Chat templates
+
+def prompt_of(tok, pair):
+    """A pair's prompt as the encode functions take it: its chat messages where the data is
+    conversational and tok has a chat template (TRL decides by the data's form), else its text."""
+    chat = getattr(tok, "chat_template", None)  # None too for a tokenizer built in code (world.py)
+    return pair["messages"] if chat and "messages" in pair else pair["prompt"]
+
+@functools.lru_cache
+def compile_template(source):
+    """A chat template in transformers' environment (utils/chat_template_utils.py): the immutable
+    sandbox, trim_blocks, lstrip_blocks, loopcontrols, tojson, raise_exception, strftime_now."""
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(source)
+
+def render(tok, messages, generation_prompt):
+    """The ids of a chat as apply_chat_template(messages, add_generation_prompt=...) gives them: the
+    template writes the special tokens (bos_token, eos_token are its variables), none are added."""
+    ids = {"bos_token": tok.bos_id, "eos_token": tok.eos_id}
+    special = {name: tok.id_to_token(i) for name, i in ids.items() if i is not None}
+    try:
+        template = compile_template(tok.chat_template)
+        text = template.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=generation_prompt, **special)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"{tok.template_file}: the chat template fails to render ({e})") from None
+    return tok.encode(text, add_special_tokens=False).ids
+
 # ----------------------------------------------------------------------------------- Tokenization
 
 def encode_prompt(tok, prompt, max_len):
-    """Prompt ids with the tokenizer's special tokens (BOS), truncated from the LEFT so the end of
+    """Prompt ids: text with the tokenizer's special tokens (BOS), a chat (a list of messages) as
+    its template renders it with the generation prompt (TRL). Truncated from the LEFT so the end of
     the prompt, next to the answer, survives; a leading BOS is kept when truncating."""
-    ids = tok.encode(prompt).ids
+    ids = render(tok, prompt, True) if isinstance(prompt, list) else tok.encode(prompt).ids
     if len(ids) <= max_len:
         return ids
     bos = ids[:1] if ids[0] == tok.bos_id and max_len > 1 else []
     return bos + ids[len(ids) - max_len + len(bos):]
 
-def encode_answer(tok, answer, max_len):
-    """Answer ids without special tokens, plus EOS, truncated from the RIGHT (a truncated answer
-    loses its EOS)."""
+def encode_answer(tok, answer, max_len, prompt=None):
+    """Answer ids, truncated from the RIGHT (a truncated answer loses its end). After a chat prompt:
+    the assistant turn and its end-of-turn token, the rendered prompt + answer past the rendered
+    prompt (TRL), which must start it; after text: the answer, no special tokens, plus EOS."""
+    if isinstance(prompt, list):
+        head = render(tok, prompt, True)
+        ids = render(tok, prompt + [{"role": "assistant", "content": answer}], False)
+        if ids[:len(head)] != head:
+            raise ValueError(f"{tok.template_file}: the chat template's rendering of prompt + "
+                             "answer does not start with its rendering of the prompt")
+        return ids[len(head):max_len + len(head)]
     if tok.eos_id is None:
         raise ValueError("the tokenizer has no EOS token (tok.eos_id is None)")
     ids = tok.encode(answer, add_special_tokens=False).ids + [tok.eos_id]
@@ -48,13 +99,13 @@ def encode_answer(tok, answer, max_len):
 def encode_prompt_answer(tok, prompt, answer, max_prompt_len, max_answer_len):
     """One sequence (SFT, reward scoring): {"prompt_ids", "answer_ids"}."""
     return {"prompt_ids": encode_prompt(tok, prompt, max_prompt_len),
-            "answer_ids": encode_answer(tok, answer, max_answer_len)}
+            "answer_ids": encode_answer(tok, answer, max_answer_len, prompt)}
 
 def encode_pair(tok, prompt, chosen, rejected, max_prompt_len, max_answer_len):
     """One preference pair: {"prompt_ids", "chosen_ids", "rejected_ids"}."""
     return {"prompt_ids": encode_prompt(tok, prompt, max_prompt_len),
-            "chosen_ids": encode_answer(tok, chosen, max_answer_len),
-            "rejected_ids": encode_answer(tok, rejected, max_answer_len)}
+            "chosen_ids": encode_answer(tok, chosen, max_answer_len, prompt),
+            "rejected_ids": encode_answer(tok, rejected, max_answer_len, prompt)}
 
 # ----------------------------------------------------------------------------------- The batch layout
 

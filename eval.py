@@ -1,12 +1,13 @@
 """Gold Reward Accuracy of a checkpoint, and the main command: the built-in experiment (world.py).
 
     python eval.py                 # 5 seeds, every method; --quick: a smaller run; --sweep: 10 / 20 / 30 %
-    python eval.py --policy runs/cw-dpo --sft runs/sft --prompts heldout.jsonl --judge gold-rm/
+    python eval.py --policy runs/cw-dpo --sft runs/sft --prompts test.jsonl --judge rm/ --out gra/
+    python eval.py --answers gra/answers.jsonl --judge rm2/ --out gra2/   # rescored, not generated
 
 GRA (arXiv 2603.04968, Gold Reward Accuracy): for held-out prompts, a gold judge scores the aligned
 policy's answer and the SFT model's answer; GRA is the % of prompts where the aligned answer scores
-higher (ties count half). In the built-in world the judge is a program (world.gold_reward); here a
-reward checkpoint.
+higher (ties count half; with --samples, a prompt's mean score). In the built-in world the judge is
+a program (world.gold_reward); here a reward checkpoint (judges.py), and --out keeps every answer.
 """
 import os
 
@@ -21,75 +22,97 @@ import torch
 
 import data
 import formats
+import judges
 import runs
 import world
 from cwpo import win_rate
 from generate import generate_answers
 from model import check_fits, config_from_hf, load_model, load_tokenizer, read_json
 
-@torch.no_grad()
-def judge_scores(judge_path, judge, judge_tok, prompts, answers, device, batch_size=32):
-    """Scores of a gold reward model (with its trained scalar head) for each prompt + answer, read
-    with judge_tok."""
-    seqs = [data.encode_prompt_answer(judge_tok, p, a, 1024, 1024) for p, a in zip(prompts, answers)]
-    longest = max(len(s["prompt_ids"] + s["answer_ids"]) for s in seqs)
-    check_fits(judge_path, judge.config, judge_tok, longest, "the prompts + answers it reads")
-
-    scores = []
-    for chunk in data.iterate_batches(seqs, batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(chunk).items()}
-        scores += judge(batch["input_ids"], layout=batch).tolist()
-    return scores
-
-def main(args):
-    if not args.policy:
-        return world.experiment(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def generate_records(args, device, score):
+    """The --prompts file's first --eval-prompts distinct prompts, each with --samples answers of
+    the policy and of the SFT model (greedy unless --temperature), each model reading its own
+    tokens with its own tokenizer."""
     paths = {"policy": args.policy, "sft": args.sft}
-    toks = {name: load_tokenizer(path) for name, path in paths.items()}  # each reads its own tokens
-    judge_tok = load_tokenizer(args.judge)  # a folder without its tokenizer stops the run
-    pairs = formats.load_pairs(args.prompts)
-    prompts = sorted({p["prompt"] for p in pairs})[:args.eval_prompts]
-    prompt_ids = {name: [data.encode_prompt(tok, p, 256) for p in prompts]
-                  for name, tok in toks.items()}
-    judge = load_model(args.judge, dtype=torch.float32, device=device, reward=True,
-                       trained_head=True).eval()
+    toks = {name: load_tokenizer(path, args.chat_template) for name, path in paths.items()}
+    pairs = {p["prompt"]: p for p in formats.load_pairs(args.prompts, args.format)}
+    records = [{k: pairs[t][k] for k in ("prompt", "messages") if k in pairs[t]}
+               for t in sorted(pairs)[:args.eval_prompts]]
+    print(formats.form(toks["policy"], records))
+    prompt_ids = {name: [data.encode_prompt(tok, data.prompt_of(tok, r), args.max_prompt_len)
+                         for r in records] for name, tok in toks.items()}
 
-    # checked before generation; the judge's again on the answers, in judge_scores
+    # checked before generation (the KV cache too); the judge's again on the answers
     for name, path in paths.items():
         cfg_file = os.path.join(path, "config.json")
         longest = max(map(len, prompt_ids[name])) + args.max_new_tokens
         check_fits(path, config_from_hf(read_json(cfg_file), cfg_file), toks[name], longest,
                    "the prompts + --max-new-tokens", cache=True)
-    judge_longest = max(len(judge_tok.encode(p).ids) for p in prompts) + args.max_new_tokens + 1
-    check_fits(args.judge, judge.config, judge_tok, judge_longest, "the prompts + --max-new-tokens + EOS")
+    score.check(records, args.max_new_tokens + 1)
 
-    answers, scores = {}, {}
     for name, path in paths.items():
         model = load_model(path, device=device)
-        answers[name] = generate_answers(model, toks[name], prompt_ids[name], args.max_new_tokens)
-        scores[name] = judge_scores(args.judge, judge, judge_tok, prompts, answers[name], device)
+        answers = generate_answers(model, toks[name], prompt_ids[name] * args.samples,
+                                   args.max_new_tokens, args.temperature, args.seed, top_p=args.top_p)
+        for i, r in enumerate(records):  # sample j of prompt i is answers[j * P + i]
+            r[name] = answers[i::len(records)]
+    return records
 
-    result = win_rate(scores["policy"], scores["sft"])
-    result.update(mean_reward=float(np.mean(scores["policy"])), prompts=len(prompts))
+def main(args):
+    if not (args.policy or args.answers):
+        return world.experiment(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    records = judges.read_answers(args.answers) if args.answers else None
+    score = judges.load_judge(args, device)  # a judge it cannot read fails before generation
+    records = records or generate_records(args, device, score)
+
+    print(f"judge's {formats.form(score.tok, records)}")
+    judges.score_records(score, records)
+
+    result = win_rate([r["policy_score"] for r in records], [r["sft_score"] for r in records])
+    result.update(prompts=len(records), **{f"mean_{name}_score": float(np.mean(
+        [r[f"{name}_score"] for r in records])) for name in ("policy", "sft")})
+    result["settings"] = {k: v for k, v in vars(args).items() if k in judges.SETTINGS}
+    if args.out:
+        judges.write_results(args.out, records, result)
     print(json.dumps(result))
 
 def parse_args(argv=None):
-    """The flags, checked before any work: an explicit flag wins over --quick, and --policy needs its
-    three partners."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The flags, checked before any work: an explicit flag wins over --quick, --policy needs its
+    three partners, --answers only --judge; the defaults of GRA and of the built-in experiment."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     world.add_args(p)  # the built-in experiment's flags
-    p.add_argument("--eval-prompts", type=runs.positive_int, default=300, help="prompts (--quick: 100)")
+    p.add_argument("--eval-prompts", type=runs.positive_int,
+                   help="prompts (GRA: 500, as the paper; built-in experiment: 300, --quick: 100)")
     p.add_argument("--policy", help="GRA of this checkpoint against --sft, judged by --judge")
     p.add_argument("--sft")
     p.add_argument("--prompts", help="a pairs file whose prompts are evaluated")
-    p.add_argument("--judge", help="gold reward checkpoint folder (with its trained score.weight)")
+    p.add_argument("--format", default="auto", help="its format (formats.py; hh-chat: as turns)")
+    p.add_argument("--judge", help="gold reward checkpoint folder (with its trained score.weight), "
+                   "or any transformers sequence classifier (a DeBERTa-v3 reward model)")
+    p.add_argument("--answers", help="rescore the answers.jsonl of an earlier run with --judge")
+    p.add_argument("--max-prompt-len", type=runs.positive_int, default=256)
     p.add_argument("--max-new-tokens", type=runs.positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="of the sampled answers")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="render conversational prompts with each checkpoint's chat template")
 
     quick = p.parse_known_args(argv)[0].quick
     args = p.parse_args(argv, argparse.Namespace(**world.QUICK) if quick else None)
+    gra = bool(args.policy or args.answers)  # --out, --samples: GRA's files and answers per prompt
+    defaults = dict(eval_prompts=500, samples=1) if gra else dict(eval_prompts=300, samples=4,
+                                                                  out="runs/experiment")
+    for name, value in defaults.items():
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error(f"--temperature must be >= 0 and --top-p in (0, 1]; got {args.temperature}, {args.top_p}")
     given = [f"--{name}" for name in ("policy", "sft", "judge", "prompts") if getattr(args, name)]
-    if given and len(given) < 4:
+    if args.answers and given != ["--judge"]:
+        p.error(f"--answers goes with --judge alone; given {', '.join(given) or 'no --judge'}")
+    if given and len(given) < 4 and not args.answers:
         p.error(f"--policy, --sft, --judge and --prompts go together; given only {', '.join(given)}")
     return args
 

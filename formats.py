@@ -7,6 +7,7 @@ from .jsonl, .jsonl.gz or .parquet. Not the method: data.py takes the pairs from
 import gzip
 import json
 import os
+import re
 import sys
 
 ASSISTANT = "\n\nAssistant:"
@@ -65,17 +66,32 @@ def _answer_text(record, key):
         raise ValueError(f"key {key!r}: a chat-message list must end in an assistant message with string content")
     return last["content"], value[:-1]
 
+def _chat(value, key):
+    """A chat-message list checked: dicts with string "role" and "content"; a ValueError naming the key otherwise."""
+    ok = isinstance(value, list) and all(isinstance(m, dict) for m in value)
+    if not ok or not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        raise ValueError(f"key {key!r}: a chat-message list needs string 'role' and 'content' in every message")
+    return value
+
 def _pairs(record):
-    """{"prompt", "chosen", "rejected"}; UltraFeedback-binarized style answers may be chat-message lists. Without
-    a "prompt" key the prompt is the content of the messages before the final assistant message."""
+    """{"prompt", "chosen", "rejected"}; UltraFeedback-binarized style answers may be chat-message lists. The data is
+    conversational (TRL's word) when the prompt comes as chat messages: the messages before the final assistant
+    message, TRL's "prompt" as a chat-message list, or a "messages" key as cwpo writes them (weak_labels.jsonl, the
+    splits). They are kept under "messages" (data.py renders them with a chat template); the text prompt is the
+    "prompt" key, or else their contents joined by blank lines (plain-text runs)."""
     (chosen, history), (rejected, other) = _answer_text(record, "chosen"), _answer_text(record, "rejected")
     if history and other and history != other:  # two prompts: no pair
         raise ValueError("keys 'chosen' and 'rejected' hold different chat histories before their answers")
-    if "prompt" in record or not history:
+    if isinstance(record.get("prompt"), list):
+        history = _chat(record["prompt"], "prompt")
+    elif not history and "messages" in record:
+        history = _chat(record["messages"], "messages")
+    if isinstance(record.get("prompt"), str) or not history:
         prompt = _field(record, "prompt")
     else:
         prompt = "\n\n".join(_field(m, "content", name="chosen[].content") for m in history)
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+    chat = {"messages": _chat(history, "chosen")} if history else {}
+    return {"prompt": prompt, **chat, "chosen": chosen, "rejected": rejected,
             **_numeric_extras(record, ("prompt", "chosen", "rejected"))}
 
 def _unlabeled(record):
@@ -83,7 +99,16 @@ def _unlabeled(record):
     keys = ("prompt", "answer_a", "answer_b")
     return {**{k: _field(record, k) for k in keys}, **_numeric_extras(record, keys)}
 
-PARSERS = {"hh": _hh, "tldr": _tldr, "ufb": _pairs, "pairs": _pairs, "unlabeled": _unlabeled}
+def _hh_chat(record):
+    """HH-RLHF read as a chat (fmt "hh-chat", TRL's conversational form): the transcript's prompt as alternating
+    user / assistant messages under "messages", the answers without their leading space."""
+    pair = _hh(record)
+    parts = re.split(r"\n\n(Human|Assistant):", pair["prompt"])[1:-2]  # [who, text, who, text, ...]
+    roles = {"Human": "user", "Assistant": "assistant"}
+    turns = [{"role": roles[who], "content": text.strip()} for who, text in zip(parts[::2], parts[1::2])]
+    return {**pair, "messages": turns, "chosen": pair["chosen"].strip(), "rejected": pair["rejected"].strip()}
+
+PARSERS = {"hh": _hh, "hh-chat": _hh_chat, "tldr": _tldr, "ufb": _pairs, "pairs": _pairs, "unlabeled": _unlabeled}
 
 def detect_format(record):
     """The format of a record, told from its keys."""
@@ -134,6 +159,13 @@ def load_pairs(path, fmt="auto", skip_bad=False, labeled=False):
     if n_same:  # no gradient: DPO trains them at a constant log 2
         print(f"load_pairs: {n_same} pair(s) in {path} have identical chosen and rejected answers", file=sys.stderr)
     return pairs
+
+def form(tok, pairs):
+    """The line each run prints once: which form its prompts are read in (data.prompt_of decides)."""
+    chat = any("messages" in p for p in pairs)
+    if chat and getattr(tok, "chat_template", None):
+        return f"prompts: chat messages rendered with the chat template of {tok.template_file}"
+    return "prompts: plain text" + (", though the data is conversational (no chat template)" * chat)
 
 def _parquet_rows(f, path):
     """(1-based row number, row dict) of an open parquet file (as UltraFeedback-binarized is), by optional pyarrow."""

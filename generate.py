@@ -55,14 +55,15 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, to
 
     return [row[:row.index(eos_id)] if eos_id in row else row[:t + 1] for row in out.tolist()]
 
-def generate_answers(model, tok, prompt_ids, max_new_tokens=64, temperature=0.0, seed=0, batch_size=256):
+def generate_answers(model, tok, prompt_ids, max_new_tokens=64, temperature=0.0, seed=0, batch_size=256,
+                     top_p=1.0):
     """Decoded answers of `model` to each prompt (token-id lists, e.g. data.encode_prompt's),
-    greedy by default."""
+    greedy by default, else sampled at temperature / top_p."""
     model.eval()
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     answers = []
     for start in range(0, len(prompt_ids), batch_size):
         new = generate(model, prompt_ids[start:start + batch_size], max_new_tokens, tok.eos_id,
-                       tok.pad_id, temperature=temperature, generator=generator)
+                       tok.pad_id, temperature, top_p, generator)
         answers += [tok.decode(a) for a in new]
     return answers

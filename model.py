@@ -664,10 +664,10 @@ def save_model(model, path, whole=None):
                  lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(config_file, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf, indent=2)))
 
-def load_tokenizer(path):
+def load_tokenizer(path, chat_template=True):
     """A tokenizers.Tokenizer from tokenizer.json, or from vocab.json + merges.txt (GPT-2 / OPT
     folders), with the special ids the checkpoint declares as tok.bos_id, tok.eos_id, tok.pad_id
-    (pad falls back to eos)."""
+    (pad falls back to eos), and its chat template (data.render) unless chat_template is False."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     file = os.path.join(path, "tokenizer.json")
     merges = os.path.join(path, "merges.txt")
@@ -700,6 +700,14 @@ def load_tokenizer(path):
     tok.bos_id = ids["bos"]
     tok.eos_id = ids["eos"]
     tok.pad_id = ids["pad"] if ids["pad"] is not None else ids["eos"]
+    jinja = os.path.join(path, "chat_template.jinja")  # where transformers 5 saves the template
+    config_file = os.path.join(path, "tokenizer_config.json")
+    tok.template_file = jinja if os.path.exists(jinja) else config_file
+    template = meta.get("chat_template")
+    template = pathlib.Path(jinja).read_text() if os.path.exists(jinja) else template
+    if isinstance(template, list):  # named templates: the "default" one
+        template = {t.get("name"): t.get("template") for t in template}.get("default")
+    tok.chat_template = template if chat_template else None
 
     if meta.get("add_bos_token") and tok.bos_id is not None and tok.post_processor is None:
         bos = tok.id_to_token(tok.bos_id)

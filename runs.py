@@ -45,7 +45,8 @@ def report_errors(main, args):
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "chat_template.jinja")
 
 def copy_tokenizer(source, out):
     """Copy the tokenizer files of the model folder `source` into `out`: every model folder a run writes is

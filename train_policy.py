@@ -197,16 +197,16 @@ def forward_backward(model, objective, batch, args, rank, world_size, device):
 
 def encode_pairs(tok, pairs, args):
     """Preference pairs -> encoded pairs (data.encode_pair), truncated to --max-prompt-len /
-    --max-answer-len."""
-    return [data.encode_pair(tok, p["prompt"], p["chosen"], p["rejected"], args.max_prompt_len,
-                             args.max_answer_len) for p in pairs]
+    --max-answer-len; a chat prompt rendered with the tokenizer's template (data.prompt_of)."""
+    return [data.encode_pair(tok, data.prompt_of(tok, p), p["chosen"], p["rejected"],
+                             args.max_prompt_len, args.max_answer_len) for p in pairs]
 
 def encode_examples(tok, pairs, args):
     """Pairs -> encoded examples: chosen answers only for SFT, else preference pairs with their
     weights."""
     if args.objective == "sft":
-        return [data.encode_prompt_answer(tok, p["prompt"], p["chosen"], args.max_prompt_len,
-                                          args.max_answer_len) for p in pairs]
+        return [data.encode_prompt_answer(tok, data.prompt_of(tok, p), p["chosen"],
+                                          args.max_prompt_len, args.max_answer_len) for p in pairs]
     pairs, weights = pair_weights(pairs, args.weighting, args.top_fraction)
     if not any(weights):  # every loss would be multiplied by 0: refused, not trained for nothing
         flag = (f"--top-fraction {args.top_fraction}" if args.weighting == "top"
@@ -244,13 +244,14 @@ def main(args):
         raise ValueError(f"--batch-size {args.batch_size} is smaller than the {world_size} ranks: "
                          "each needs a pair")
 
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, args.chat_template)
     model = load_trainable(args, tok, device)
     pairs = formats.load_pairs(args.data, args.format, args.skip_bad, labeled=True)
     examples = encode_examples(tok, pairs, args)
     if rank == 0:
         runs.claim(args.out, OUTPUTS, args)
         print(f"{len(examples)} examples from {args.data}; model {args.model} on {device}")
+        print(formats.form(tok, pairs))
         print(runs.memory_line(model.config, args, world_size, device))
     if args.objective == "preference":  # what fits for training fits here
         micro_size = max(1, args.batch_size // (world_size * args.grad_accum))
@@ -277,7 +278,10 @@ def add_training_args(p):
     count = lambda text: positive_int(text, 0)  # noqa: E731
     p.add_argument("--model", required=True, help="starting checkpoint folder (a policy's is also its reference)")
     p.add_argument("--data", required=True, help="pairs file (.jsonl[.gz] / .parquet): HH-RLHF, TL;DR, UltraFeedback")
-    p.add_argument("--format", default="auto", help="data format for formats.load_pairs (hh, tldr, ufb, pairs)")
+    p.add_argument("--format", default="auto", help="data format for formats.load_pairs (hh, "
+                   "tldr, ufb, pairs; hh-chat: HH-RLHF as user / assistant turns)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="conversational data rendered with the chat template (TRL); off: plain")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--epochs", type=positive_int, default=1)

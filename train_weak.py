@@ -66,7 +66,8 @@ def weak_labels(pairs, score_a, score_b):
     rows = zip(pairs, a_wins.tolist(), confidences.tolist(), score_a.tolist(), score_b.tolist())
     for pair, win, c, sa, sb in rows:
         chosen, rejected = (pair["chosen"], pair["rejected"]) if win else (pair["rejected"], pair["chosen"])
-        labeled.append({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected,
+        prompt = {k: pair[k] for k in ("prompt", "messages") if k in pair}  # a chat keeps its messages
+        labeled.append({**prompt, "chosen": chosen, "rejected": rejected,
                         "score_chosen": max(sa, sb), "score_rejected": min(sa, sb),
                         "confidence": c, "human_agrees": int(win)})
     return labeled
@@ -104,7 +105,8 @@ def annotator_report(confidences, correct, n_bins=10):
 
 def train_annotator(labeled, args, device, log=print):
     """A reward model from args.model, trained with BT on the labeled pairs; -> (model, tokenizer)."""
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, args.chat_template)
+    log(formats.form(tok, labeled))
     rm = train_policy.load_trainable(args, tok, device, reward=True)
     log(runs.memory_line(rm.config, args, 1, device, reward=True))
     examples = train_policy.encode_pairs(tok, labeled, args)

@@ -202,13 +202,14 @@ T_975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  
 def add_args(p):
     """The experiment's flags, on eval.py's parser (`python eval.py` runs the experiment)."""
     positive_int, positive_float = runs.positive_int, runs.positive_float
-    p.add_argument("--out", default="runs/experiment", help="built-in experiment: output folder")
+    p.add_argument("--out", help="output folder (built-in experiment: runs/experiment; GRA: answers.jsonl, "
+                   "summary.json)")
     p.add_argument("--quick", action="store_true", help="built-in experiment, smaller (about 2 minutes)")
     p.add_argument("--sweep", action="store_true", help="CW-DPO against DPO at 10 / 20 / 30 %% labels")
     p.add_argument("--study", action="store_true", help="random and systematic (length-biased) human noise")
     p.add_argument("--seeds", type=positive_int, default=5, help="(--quick: 2)")
     p.add_argument("--pairs", type=positive_int, default=2000, help="preference pairs (--quick: 800)")
-    p.add_argument("--samples", type=positive_int, default=4, help="sampled answers per held-out prompt")
+    p.add_argument("--samples", type=positive_int, help="answers per held-out prompt (4; GRA: 1)")
     p.add_argument("--sft-examples", type=positive_int, default=4000, help="(--quick: 800)")
     p.add_argument("--epochs", type=positive_int, default=1, help="preference optimization epochs")
     p.add_argument("--lr", type=positive_float, default=1e-4, help="preference optimization learning rate")

@@ -102,7 +102,7 @@ def test_the_judge_reads_text_with_its_own_tokenizer(tiny_world, tmp_path, capsy
         with torch.no_grad():
             scores.append(rm(torch.tensor([seq])).logits[0, 0].item())
     assert result["prompts"] == 6 and result["gra"] == 50.0  # the policy against itself
-    assert result["mean_reward"] == pytest.approx(np.mean(scores), rel=1e-4, abs=1e-5)
+    assert result["mean_policy_score"] == pytest.approx(np.mean(scores), rel=1e-4, abs=1e-5)
 
 
 def cli_line(argv, capsys):
@@ -132,6 +132,7 @@ def test_bad_flags_are_one_line_before_any_work(tiny_world, tmp_path, capsys):
         (gra[:2], "given only --policy"),  # AttributeError: a None path
         (["--judge", str(tmp_path / "judge")], "given only --judge"),  # ran the 8-minute experiment instead
         (["--eval-prompts", "0"], "argument --eval-prompts: must be an integer >= 1"),  # a table of NaN
+        (gra + lm_judge + ["--top-p", "0"], "--temperature must be >= 0 and --top-p in (0, 1]"),  # NaN samples
         (["--seeds", "0"], "argument --seeds: must be an integer >= 1"),  # "min() arg is an empty sequence"
         (["--samples", "0"], "argument --samples: must be an integer >= 1"),  # "cannot reshape"
         (["--beta", "-1"], "argument --beta: must be a positive number"),
@@ -163,13 +164,13 @@ def test_an_explicit_flag_wins_over_quick():
 
 def test_judge_scores_checks_the_lengths_it_reads(tiny_world):
     # the judge re-tokenizes each answer: with a tokenizer of its own it may read more tokens than were generated
-    import eval as gra
+    from judges import judge_scores
     from model import RewardModel, config_from_hf, load_tokenizer
     gpt2 = dict(model_type="gpt2", vocab_size=400, n_embd=16, n_layer=1, n_head=2, n_positions=64)
     judge, tok = RewardModel(config_from_hf(gpt2)), load_tokenizer(tiny_world["model"])
     with pytest.raises(ValueError, match=r"the prompts \+ answers it reads exceed J's max_position_embeddings 64"):
-        gra.judge_scores("J", judge, tok, ["\n\nHuman: hi\n\nAssistant:"], [" Sure!" * 40], torch.device("cpu"))
-    assert len(gra.judge_scores("J", judge, tok, ["\n\nHuman: hi\n\nAssistant:"], [" Sure!"], torch.device("cpu"))) == 1
+        judge_scores("J", judge, tok, ["\n\nHuman: hi\n\nAssistant:"], [" Sure!" * 40], torch.device("cpu"))
+    assert len(judge_scores("J", judge, tok, ["\n\nHuman: hi\n\nAssistant:"], [" Sure!"], torch.device("cpu"))) == 1
 
 
 # --- issue 24: every model is read with its own tokenizer
@@ -197,6 +198,7 @@ def test_the_sft_model_answers_with_its_own_tokenizer(tiny_world, tmp_path, monk
     import data
     import eval as gra
     import formats
+    import judges
     from generate import generate_answers
     from model import load_model, load_tokenizer
     sft = tmp_path / "sft"
@@ -208,7 +210,7 @@ def test_the_sft_model_answers_with_its_own_tokenizer(tiny_world, tmp_path, monk
     def recorded(path, judge_model, judge_tok, prompts, answers, device, batch_size=32):
         seen[len(seen)] = answers
         return [0.0] * len(answers)
-    monkeypatch.setattr(gra, "judge_scores", recorded)
+    monkeypatch.setattr(judges, "judge_scores", recorded)
     gra.main(gra.parse_args(["--policy", tiny_world["model"], "--sft", str(sft), "--judge", str(judge),
                              "--prompts", tiny_world["pairs"], "--eval-prompts", "4", "--max-new-tokens", "5"]))
     prompts = sorted({p["prompt"] for p in formats.load_pairs(tiny_world["pairs"])})[:4]
@@ -231,3 +233,120 @@ def test_a_judge_trained_by_train_weak_carries_and_reads_its_own_tokenizer(tiny_
                              "--prompts", tiny_world["pairs"], "--eval-prompts", "3", "--max-new-tokens", "4"]))
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # bug: refused, "400 tokens, more
     assert result["gra"] == 50.0 and result["prompts"] == 3  # than the vocab_size 300" (the policy's tokenizer)
+
+
+# ----------------------------------------------------------------------------- GRA's files, other judges
+
+def test_gra_files_hold_every_prompt_and_a_rescoring_needs_no_generation(tiny_world, tmp_path):
+    """answers.jsonl: every prompt with both models' sampled answers, the judge's scores and the outcome; GRA
+    recomputed from it (naive formula) equals summary.json's, which is the line printed. A rerun with --answers
+    scores the same answers with another judge, from the file alone (the policy folders are gone)."""
+    from model import load_model, save_model
+    for name, seed in (("policy", 1), ("sft", 2), ("judge", 3), ("judge2", 4)):
+        torch.manual_seed(seed)
+        save_model(load_model(tiny_world["model"], reward=name.startswith("judge")), str(tmp_path / name))
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(tiny_world["model"], file), tmp_path / name / file)
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--policy", str(tmp_path / "policy"), "--sft",
+           str(tmp_path / "sft"), "--prompts", tiny_world["pairs"], "--judge", str(tmp_path / "judge"),
+           "--eval-prompts", "7", "--samples", "2", "--temperature", "1.5", "--top-p", "0.9", "--seed", "5",
+           "--max-new-tokens", "6", "--out", str(tmp_path / "gra")]
+    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in open(tmp_path / "gra" / "answers.jsonl")]
+    summary = json.load(open(tmp_path / "gra" / "summary.json"))
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == summary
+    prompts = sorted({json.loads(line)["prompt"] for line in open(tiny_world["pairs"])})[:7]
+    assert [r["prompt"] for r in records] == prompts and summary["prompts"] == 7
+    for r in records:
+        assert len(r["policy"]) == len(r["sft"]) == len(r["policy_scores"]) == len(r["sft_scores"]) == 2
+        assert r["policy_score"] == pytest.approx(np.mean(r["policy_scores"]))
+        p, s = np.mean(r["policy_scores"]), np.mean(r["sft_scores"])
+        assert r["outcome"] == (1.0 if p > s else 0.5 if p == s else 0.0)
+        for name in ("policy", "sft"):  # each sample scored: different answers, different scores
+            assert (r[name][0] == r[name][1]) == (r[f"{name}_scores"][0] == r[f"{name}_scores"][1])
+    assert any(r["policy"][0] != r["policy"][1] for r in records)  # sampled: two different answers
+    gra = 100 * np.mean([(np.mean(r["policy_scores"]) > np.mean(r["sft_scores"])) +
+                         0.5 * (np.mean(r["policy_scores"]) == np.mean(r["sft_scores"])) for r in records])
+    assert summary["gra"] == pytest.approx(gra) and summary["lo"] <= summary["gra"] <= summary["hi"]
+    assert summary["mean_sft_score"] == pytest.approx(np.mean([np.mean(r["sft_scores"]) for r in records]))
+    assert (summary["settings"]["samples"], summary["settings"]["seed"], summary["settings"]["top_p"]) == (2, 5, 0.9)
+
+    shutil.rmtree(tmp_path / "policy")
+    shutil.rmtree(tmp_path / "sft")
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--answers", str(tmp_path / "gra" / "answers.jsonl"),
+           "--judge", str(tmp_path / "judge2"), "--out", str(tmp_path / "again")]
+    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    again = [json.loads(line) for line in open(tmp_path / "again" / "answers.jsonl")]
+    assert [(r["prompt"], r["policy"], r["sft"]) for r in again] == [(r["prompt"], r["policy"], r["sft"])
+                                                                     for r in records]
+    assert [r["policy_scores"] for r in again] != [r["policy_scores"] for r in records]  # the other judge's
+
+
+def write_answers(path, prompts):
+    records = [{"prompt": p, "policy": [f" answer {i} of the policy"], "sft": [f" the SFT's {i}"]}
+               for i, p in enumerate(prompts)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def test_a_deberta_v2_judge_gives_the_scores_transformers_gives(tiny_world, tmp_path, capsys):
+    """A tiny random DeBERTa-v2 sequence classifier (the architecture of OpenAssistant's reward models), scored
+    through transformers; expected: its logits on [BOS] prompt [BOS] answer, the text pair built here by hand
+    from the tokenizer's pieces. Bugs caught: the answer scored alone, prompt and answer read as one text."""
+    import transformers
+    from tokenizers import Tokenizer
+    import eval as gra
+    judge = tmp_path / "deberta"
+    config = transformers.DebertaV2Config(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64, num_labels=1, pad_token_id=2,
+                                          initializer_range=0.5)  # scores apart by more than rounding
+    torch.manual_seed(0)
+    transformers.DebertaV2ForSequenceClassification(config).save_pretrained(judge)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_world["model"], file), judge / file)
+    prompts = sorted({json.loads(line)["prompt"] for line in open(tiny_world["pairs"])})[:4]
+    records = write_answers(tmp_path / "answers.jsonl", prompts)
+    gra.main(gra.parse_args(["--answers", str(tmp_path / "answers.jsonl"), "--judge", str(judge), "--out",
+                             str(tmp_path / "gra")]))
+    got = [json.loads(line) for line in open(tmp_path / "gra" / "answers.jsonl")]
+    tok = Tokenizer.from_file(str(judge / "tokenizer.json"))
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(judge)).eval()
+    bos = tok.token_to_id(json.load(open(judge / "tokenizer_config.json"))["bos_token"])
+    for r, g in zip(records, got):
+        for name in ("policy", "sft"):
+            ids = [bos] + tok.encode(r["prompt"], add_special_tokens=False).ids + [bos]
+            ids += tok.encode(r[name][0], add_special_tokens=False).ids
+            with torch.no_grad():
+                expected = rm(torch.tensor([ids])).logits[0, 0].item()
+            assert g[f"{name}_scores"] == [pytest.approx(expected, rel=1e-4)]
+    scores = sorted(g["policy_score"] for g in got)
+    assert min(np.diff(scores)) > 1e-2  # the scores differ: a real comparison
+
+
+def test_bad_judges_and_answers_are_one_line_and_write_nothing(tiny_world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "gra"
+    write_answers(tmp_path / "answers.jsonl", ["p1", "p2"])
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "policy": ["a"], "sft": "b"}\n')
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    shutil.copy(os.path.join(tiny_world["model"], "tokenizer.json"), unknown / "tokenizer.json")
+    rescore = ["--answers", str(tmp_path / "answers.jsonl"), "--out", str(out)]
+    cases = [  # (flags, what the line must say)
+        (rescore + ["--judge", str(unknown)], f"{unknown / 'config.json'}: model_type 'no-such-architecture' is "
+                                              "read neither by cwpo's loader (gpt2, opt, llama, qwen2"),
+        (["--answers", str(tmp_path / "bad.jsonl"), "--judge", tiny_world["model"]],
+         "bad.jsonl, line 1: key 'sft' must be a string list (the answers)"),
+        (rescore + ["--judge", tiny_world["model"], "--policy", tiny_world["model"]],
+         "--answers goes with --judge alone; given --policy, --judge"),
+    ]
+    for flags, message in cases:
+        line = cli_line(flags, capsys)
+        assert message in line.strip().splitlines()[-1] and "Traceback" not in line, (flags, line)  # argparse's
+        assert len(line.strip().splitlines()) == 1 or line.startswith("2usage")  # usage lines come first
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed: the import fails
+    line = cli_line(rescore + ["--judge", str(unknown)], capsys)
+    assert "is scored through the package transformers, which is not installed" in line, line
+    assert not out.exists()

@@ -72,11 +72,36 @@ def test_ultrafeedback_chat_lists_strings_and_a_missing_prompt(tmp_path):
         {"chosen": chat("Say hi.", "Hi!"), "rejected": chat("Say hi.", "No.")},
     ]
     path = write_records(tmp_path / "ufb.jsonl", records)
-    expected = [{"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "score_chosen": 9.0, "score_rejected": 2},
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731  the prompt's chat, kept for templates
+    expected = [{"prompt": "What is 2+2?", "messages": user("What is 2+2?"), "chosen": "4", "rejected": "5",
+                 "score_chosen": 9.0, "score_rejected": 2},
                 {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."},
-                {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}]
+                {"prompt": "Say hi.", "messages": user("Say hi."), "chosen": "Hi!", "rejected": "No."}]
     assert formats.load_pairs(path) == expected
     assert formats.load_pairs(path, fmt="ufb") == expected
+
+
+def test_conversational_prompts_trl_lists_cwpo_messages_and_hh_as_turns(tmp_path):
+    """TRL's conversational preference records (the prompt a chat list), the records cwpo writes back (a text
+    prompt and its "messages") and HH-RLHF read as turns (fmt "hh-chat") all carry the prompt's chat."""
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    trl = {"prompt": chat, "chosen": [{"role": "assistant", "content": "Hello."}],
+           "rejected": [{"role": "assistant", "content": "Go away."}]}
+    expected = {"prompt": "Be brief.\n\nHi", "messages": chat, "chosen": "Hello.", "rejected": "Go away."}
+    assert formats.load_pairs(write_records(tmp_path / "trl.jsonl", [trl])) == [expected]
+    assert formats.load_pairs(write_records(tmp_path / "ours.jsonl", [dict(expected, confidence=0.5)])) == [
+        dict(expected, confidence=0.5)]
+    hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant: Bye!",
+          "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant: Go."}
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Bye"}]
+    prompt = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant:"
+    path = write_records(tmp_path / "hh.jsonl", [hh])
+    assert formats.load_pairs(path, "hh-chat") == [{"prompt": prompt, "messages": turns, "chosen": "Bye!",
+                                                     "rejected": "Go."}]
+    assert formats.load_pairs(path) == [{"prompt": prompt, "chosen": " Bye!", "rejected": " Go."}]
+    with pytest.raises(ValueError, match="line 1: key 'prompt': a chat-message list needs string 'role'"):
+        formats.load_pairs(write_records(tmp_path / "bad.jsonl", [dict(trl, prompt=[{"role": "user"}])]))
 
 
 def test_ultrafeedback_binarized_parquet_as_published(tmp_path, monkeypatch):
@@ -88,9 +113,12 @@ def test_ultrafeedback_binarized_parquet_as_published(tmp_path, monkeypatch):
             for i, (q, good, bad) in enumerate([("What is 2+2?", "4", "5"), ("Name a color.", "Blue.", "Seven.")])]
     path = tmp_path / "train_prefs-00000-of-00001.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
+    user = lambda text: [{"content": text, "role": "user"}]  # noqa: E731  not the "messages" column (prompt + answer)
     assert formats.load_pairs(path) == [
-        {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "score_chosen": 8.5, "score_rejected": 2.0},
-        {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven.", "score_chosen": 7.5, "score_rejected": 2.0}]
+        {"prompt": "What is 2+2?", "messages": user("What is 2+2?"), "chosen": "4", "rejected": "5",
+         "score_chosen": 8.5, "score_rejected": 2.0},
+        {"prompt": "Name a color.", "messages": user("Name a color."), "chosen": "Blue.", "rejected": "Seven.",
+         "score_chosen": 7.5, "score_rejected": 2.0}]
     assert formats.load_pairs(str(path), fmt="ufb") == formats.load_pairs(path)
     bad = rows + [dict(rows[0], rejected=rows[0]["rejected"][:1])]  # ends in the user's message
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
