@@ -2,14 +2,11 @@
 templates too) and the one batch layout (collate). formats.py reads the files; world.py is the
 built-in world.
 """
-import functools
-import json
-from datetime import datetime
-
-import jinja2.ext
+import jinja2
 import numpy as np
 import torch
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from formats import compile_template
 
 # ----------------------------------------------------------------------------------- The split
 
@@ -40,20 +37,6 @@ def prompt_of(tok, pair):
     conversational and tok has a chat template (TRL decides by the data's form), else its text."""
     chat = getattr(tok, "chat_template", None)  # None too for a tokenizer built in code (world.py)
     return pair["messages"] if chat and "messages" in pair else pair["prompt"]
-
-@functools.lru_cache
-def compile_template(source):
-    """A chat template in transformers' environment (utils/chat_template_utils.py): the immutable
-    sandbox, trim_blocks, lstrip_blocks, loopcontrols, tojson, raise_exception, strftime_now."""
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals.update(raise_exception=raise_exception,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    return env.from_string(source)
 
 def render(tok, messages, generation_prompt):
     """The ids of a chat as apply_chat_template(messages, add_generation_prompt=...) gives them: the

@@ -27,7 +27,9 @@ import runs
 import world
 from cwpo import win_rate
 from generate import generate_answers
-from model import check_fits, config_from_hf, load_model, load_tokenizer, read_json
+from model import config_from_hf, load_model, read_json
+from formats import load_tokenizer
+from runs import check_fits
 
 def generate_records(args, device, score):
     """The --prompts file's first --eval-prompts distinct prompts, each with --samples answers of
@@ -102,18 +104,7 @@ def parse_args(argv=None):
 
     quick = p.parse_known_args(argv)[0].quick
     args = p.parse_args(argv, argparse.Namespace(**world.QUICK) if quick else None)
-    gra = bool(args.policy or args.answers)  # --out, --samples: GRA's files and answers per prompt
-    defaults = dict(eval_prompts=500, samples=1) if gra else dict(eval_prompts=300, samples=4,
-                                                                  out="runs/experiment")
-    for name, value in defaults.items():
-        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error(f"--temperature must be >= 0 and --top-p in (0, 1]; got {args.temperature}, {args.top_p}")
-    given = [f"--{name}" for name in ("policy", "sft", "judge", "prompts") if getattr(args, name)]
-    if args.answers and given != ["--judge"]:
-        p.error(f"--answers goes with --judge alone; given {', '.join(given) or 'no --judge'}")
-    if given and len(given) < 4 and not args.answers:
-        p.error(f"--policy, --sft, --judge and --prompts go together; given only {', '.join(given)}")
+    judges.check_flags(p, args)
     return args
 
 if __name__ == "__main__":

@@ -1,14 +1,25 @@
-"""The preference-data files cwpo reads: Anthropic HH-RLHF transcripts, OpenAI TL;DR comparisons,
-UltraFeedback-style pairs (answers as strings or chat-message lists), plain pairs and unlabeled pairs,
-from .jsonl, .jsonl.gz or .parquet. Not the method: data.py takes the pairs from here.
+"""The files cwpo reads besides checkpoints, beside the method: preference data (Anthropic HH-RLHF
+transcripts, OpenAI TL;DR comparisons, UltraFeedback-style pairs with answers as strings or chat-message
+lists, plain and unlabeled pairs; .jsonl, .jsonl.gz or .parquet) and tokenizers (tokenizer.json or
+vocab.json + merges.txt, the special tokens, the chat template and the jinja2 environment it renders in).
+data.py tokenizes through these.
 
     pairs = load_pairs("hh-rlhf/harmless-base/test.jsonl.gz")   # [{"prompt", "chosen", "rejected"}]
+    tok = load_tokenizer("models/smollm2-135m")                   # tok.eos_id, tok.chat_template
 """
+import functools
 import gzip
 import json
 import os
+import pathlib
 import re
 import sys
+from datetime import datetime
+
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from model import read_json
 
 ASSISTANT = "\n\nAssistant:"
 
@@ -183,3 +194,70 @@ def _lines(f, path):
         yield from enumerate(f, 1)
     except (EOFError, OSError) as e:  # gzip's EOFError, BadGzipFile
         raise ValueError(f"{path}: unreadable ({e})") from None
+
+# ----------------------------------------------------------------------------------- Tokenizers
+
+def load_tokenizer(path, chat_template=True):
+    """A tokenizers.Tokenizer from tokenizer.json, or from vocab.json + merges.txt (GPT-2 / OPT
+    folders), with the special ids the checkpoint declares as tok.bos_id, tok.eos_id, tok.pad_id
+    (pad falls back to eos), and its chat template (data.render) unless chat_template is False."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    file = os.path.join(path, "tokenizer.json")
+    merges = os.path.join(path, "merges.txt")
+    if os.path.exists(file):
+        try:
+            tok = Tokenizer.from_file(file)
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"{file}: not a readable tokenizer ({e})") from None
+    elif os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(merges):
+        file = os.path.join(path, "vocab.json")
+        tok = Tokenizer(models.BPE.from_file(file, merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        raise FileNotFoundError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
+    tok.file = file  # named in messages
+
+    meta = {}
+    for name in ("config.json", "special_tokens_map.json", "tokenizer_config.json"):  # later win
+        if os.path.exists(os.path.join(path, name)):
+            meta.update(read_json(os.path.join(path, name)))
+    ids = {}
+    for kind in ("bos", "eos", "pad"):
+        token = meta.get(f"{kind}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        ids[kind] = tok.token_to_id(token) if token is not None else None
+        if ids[kind] is None:
+            value = meta.get(f"{kind}_token_id")
+            ids[kind] = value[0] if isinstance(value, list) else value
+    tok.bos_id = ids["bos"]
+    tok.eos_id = ids["eos"]
+    tok.pad_id = ids["pad"] if ids["pad"] is not None else ids["eos"]
+    jinja = os.path.join(path, "chat_template.jinja")  # where transformers 5 saves the template
+    config_file = os.path.join(path, "tokenizer_config.json")
+    tok.template_file = jinja if os.path.exists(jinja) else config_file
+    template = meta.get("chat_template")
+    template = pathlib.Path(jinja).read_text() if os.path.exists(jinja) else template
+    if isinstance(template, list):  # named templates: the "default" one
+        template = {t.get("name"): t.get("template") for t in template}.get("default")
+    tok.chat_template = template if chat_template else None
+
+    if meta.get("add_bos_token") and tok.bos_id is not None and tok.post_processor is None:
+        bos = tok.id_to_token(tok.bos_id)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.bos_id)])
+    return tok
+
+@functools.lru_cache
+def compile_template(source):
+    """A chat template in transformers' environment (utils/chat_template_utils.py): the immutable
+    sandbox, trim_blocks, lstrip_blocks, loopcontrols, tojson, raise_exception, strftime_now."""
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(source)

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 import data
-from model import HF_NAMES, check_fits, load_model, load_tokenizer, read_json
+from model import HF_NAMES, load_model, read_json
+from formats import load_tokenizer
+from runs import check_fits
 from runs import atomic_write
 
 SETTINGS = ("policy", "sft", "prompts", "format", "judge", "answers", "eval_prompts", "max_prompt_len",
@@ -136,3 +138,22 @@ def read_answers(path):
     if not records:
         raise ValueError(f"{path}: no answers")
     return records
+
+def check_flags(parser, args):
+    """eval.py's flags, before any work (argparse's error, one line): the defaults of GRA and of the
+    built-in experiment, --temperature / --top-p in range, --policy with its three partners,
+    --answers with --judge alone."""
+    gra = bool(args.policy or args.answers)  # --out, --samples: GRA's files and answers per prompt
+    defaults = dict(eval_prompts=500, samples=1) if gra else dict(eval_prompts=300, samples=4,
+                                                                  out="runs/experiment")
+    for name, value in defaults.items():
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        parser.error(f"--temperature must be >= 0 and --top-p in (0, 1]; got {args.temperature}, "
+                     f"{args.top_p}")
+    given = [f"--{name}" for name in ("policy", "sft", "judge", "prompts") if getattr(args, name)]
+    if args.answers and given != ["--judge"]:
+        parser.error(f"--answers goes with --judge alone; given {', '.join(given) or 'no --judge'}")
+    if given and len(given) < 4 and not args.answers:
+        parser.error(f"--policy, --sft, --judge and --prompts go together; given only {', '.join(given)}")
+

@@ -406,3 +406,18 @@ def check_scored(examples, args):
         raise ValueError(f"{args.data}: no answer token left to score after truncation to "
                          f"--max-prompt-len {args.max_prompt_len} / --max-answer-len "
                          f"{args.max_answer_len} (nothing to train)")
+
+def check_fits(model_path, cfg, tok, length, what, cache=False):
+    """Fail before any work where the model cannot embed its input: token ids or (GPT-2, OPT)
+    `length` positions; or where a sliding window (Mistral, Qwen's use_sliding_window) would cut
+    `length` tokens: the window is not applied, so it is refused. With cache=True (generation's KV
+    cache, allocated whole) `length` is checked against max_position_embeddings for RoPE too."""
+    if tok.get_vocab_size() > cfg.vocab_size:
+        config_file = os.path.join(model_path, "config.json")
+        raise ValueError(f"{getattr(tok, 'file', 'the tokenizer')} has {tok.get_vocab_size()} "
+                         f"tokens, more than the vocab_size {cfg.vocab_size} of {config_file}")
+    if (cache or not cfg.rope) and length > cfg.max_pos:
+        raise ValueError(f"{what} exceed {model_path}'s max_position_embeddings {cfg.max_pos}")
+    if cfg.sliding_window and length > cfg.sliding_window:
+        raise ValueError(f"{what} exceed {model_path}'s sliding_window {cfg.sliding_window} "
+                         "(config.json): sliding-window attention is not supported")

@@ -27,7 +27,9 @@ import data
 import formats
 import runs
 from lora import LORA_MODULES, apply_lora, merge_lora
-from model import check_fits, load_model, load_tokenizer, save_model
+from model import load_model, save_model
+from formats import load_tokenizer
+from runs import check_fits
 from runs import positive_float, positive_int
 
 OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json",
@@ -220,7 +222,7 @@ def encode_examples(tok, pairs, args):
 def load_trainable(args, tok, device, reward=False):
     """args.model to train: all of it in fp32, or with --lora-rank a frozen base (bf16 on CUDA)
     with LoRA adapters; checked to embed tok's ids and --max-prompt-len + --max-answer-len
-    positions (model.check_fits)."""
+    positions (runs.check_fits)."""
     modules = args.lora_modules.split(",")
     bad_modules = set(modules) - set(LORA_MODULES) or len(set(modules)) < len(modules)
     if args.lora_rank < 0 or not args.lora_alpha > 0 or bad_modules:

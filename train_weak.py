@@ -24,7 +24,8 @@ import formats
 import runs
 import train_policy
 from lora import merge_lora
-from model import load_tokenizer, save_model
+from model import save_model
+from formats import load_tokenizer
 from runs import atomic_write, write_jsonl
 
 OUTPUTS = ("model.safetensors", "model.safetensors.index.json", "config.json", "splits",

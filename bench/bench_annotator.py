@@ -31,7 +31,8 @@ def child(args):
     import torch
     import formats
     import train_weak
-    from model import load_model, load_tokenizer
+    from model import load_model
+    from formats import load_tokenizer
 
     torch.set_num_threads(2)
     pairs = random.Random(0).sample(formats.load_pairs(args.data), args.score_pairs + 8 * args.train_steps)

@@ -321,7 +321,7 @@ def make_hh_pairs(args):
     sys.path.insert(0, REPO_ROOT)
     import data
     import formats
-    from model import load_tokenizer
+    from formats import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     if tok.eos_id != EOS_ID:

@@ -34,7 +34,8 @@ def main(args):
     import cwpo
     import data
     import formats
-    from model import GPT, Config, load_tokenizer
+    from model import GPT, Config
+    from formats import load_tokenizer
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.tokenizer)

@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Regex, pre_tokenizers, processors
 
 import data
 import train_policy
-from model import load_tokenizer
+from formats import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))

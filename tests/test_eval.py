@@ -165,7 +165,8 @@ def test_an_explicit_flag_wins_over_quick():
 def test_judge_scores_checks_the_lengths_it_reads(tiny_world):
     # the judge re-tokenizes each answer: with a tokenizer of its own it may read more tokens than were generated
     from judges import judge_scores
-    from model import RewardModel, config_from_hf, load_tokenizer
+    from model import RewardModel, config_from_hf
+    from formats import load_tokenizer
     gpt2 = dict(model_type="gpt2", vocab_size=400, n_embd=16, n_layer=1, n_head=2, n_positions=64)
     judge, tok = RewardModel(config_from_hf(gpt2)), load_tokenizer(tiny_world["model"])
     with pytest.raises(ValueError, match=r"the prompts \+ answers it reads exceed J's max_position_embeddings 64"):
@@ -200,7 +201,8 @@ def test_the_sft_model_answers_with_its_own_tokenizer(tiny_world, tmp_path, monk
     import formats
     import judges
     from generate import generate_answers
-    from model import load_model, load_tokenizer
+    from model import load_model
+    from formats import load_tokenizer
     sft = tmp_path / "sft"
     sft_tok = own_tokenizer_model(tiny_world, sft, 300, seed=5)
     judge = tmp_path / "judge"

@@ -243,3 +243,33 @@ def test_training_data_must_be_labeled(tmp_path):
         with pytest.raises(ValueError, match="u.jsonl, line 1: an unlabeled pair"):
             formats.load_pairs(path, fmt, labeled=True)
     assert formats.load_pairs(path)[0]["answer_a"] == "a"  # where a prompt is all that is read
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def test_tokenizer_json_and_vocab_merges_fallback(tmp_path):
+    """Our tokenizer reading against transformers' on a tokenizer.json folder, and a GPT-2 / OPT folder of
+    vocab.json + merges.txt with add_bos_token."""
+    import os
+    import transformers as T
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from formats import load_tokenizer
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world, the weak model speaks with confidence"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"]))
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(str(tmp_path / "a"))
+    ours = load_tokenizer(str(tmp_path / "a"))
+    text = "the weak model speaks"
+    assert ours.encode(text).ids == fast(text)["input_ids"]
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 1, 0)
+    # a GPT-2/OPT style folder: vocab.json + merges.txt only
+    os.makedirs(tmp_path / "b")
+    tok.model.save(str(tmp_path / "b"))
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}))
+    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "</s>"}))
+    gpt2_style = load_tokenizer(str(tmp_path / "b"))
+    assert gpt2_style.encode(text).ids == [1] + tok.encode(text).ids
+    assert gpt2_style.decode(tok.encode(text).ids) == text

@@ -24,7 +24,8 @@ sys.path.insert(0, TOOLS)
 import gguf_to_hf  # noqa: E402
 
 from generate import generate  # noqa: E402
-from model import load_model, load_tokenizer  # noqa: E402
+from model import load_model  # noqa: E402
+from formats import load_tokenizer  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # A minimal GGUF writer and the block formats, written from ggml's docs/gguf.md and ggml-common.h

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from lora import LORA_MODULES, LoRALinear, apply_lora, merge_lora
 from generate import generate
-from model import PREFIXES, hf_names, load_model, load_tokenizer, save_model
+from model import PREFIXES, hf_names, load_model, save_model
+from formats import load_tokenizer
 
 V = 97
 SPECIAL = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -164,7 +165,7 @@ def test_a_trained_head_is_required_where_asked(tmp_path):
 
 
 def test_check_fits_names_the_tokenizer_the_config_and_the_position_table(tmp_path):
-    from model import check_fits
+    from runs import check_fits
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -276,29 +277,6 @@ def test_saved_files_keep_the_umask_mode_and_non_finite_weights_are_never_saved(
     with pytest.raises(FloatingPointError, match="h.0.mlp.up.weight"):
         save_model(model, str(tmp_path / "nan"))
     assert not os.path.exists(tmp_path / "nan" / "model.safetensors")
-
-
-def test_tokenizer_json_and_vocab_merges_fallback(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["hello world, the weak model speaks with confidence"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"]))
-    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(str(tmp_path / "a"))
-    ours = load_tokenizer(str(tmp_path / "a"))
-    text = "the weak model speaks"
-    assert ours.encode(text).ids == fast(text)["input_ids"]
-    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 1, 0)
-    # a GPT-2/OPT style folder: vocab.json + merges.txt only
-    os.makedirs(tmp_path / "b")
-    tok.model.save(str(tmp_path / "b"))
-    (tmp_path / "b" / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}))
-    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "</s>"}))
-    gpt2_style = load_tokenizer(str(tmp_path / "b"))
-    assert gpt2_style.encode(text).ids == [1] + tok.encode(text).ids
-    assert gpt2_style.decode(tok.encode(text).ids) == text
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(pair):
@@ -490,7 +468,8 @@ def test_unknown_rope_types_and_missing_rope_keys_are_one_line(tmp_path):
 
 def test_a_sliding_window_shorter_than_the_sequences_is_refused_and_qwens_switched_off_one_is_not():
     from types import SimpleNamespace
-    from model import check_fits, config_from_hf
+    from model import config_from_hf
+    from runs import check_fits
     tok = SimpleNamespace(get_vocab_size=lambda: V)
     mistral = config_from_hf(CONFIGS["mistral"]().to_dict())  # sliding_window 64
     check_fits("m", mistral, tok, 64, "the sequences")

@@ -95,7 +95,8 @@ def test_resume_continues_the_same_run(tiny_world, tmp_path):
 
 def train_policy_main(args, log):
     import formats
-    from model import load_model, load_tokenizer, save_model
+    from model import load_model, save_model
+    from formats import load_tokenizer
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=torch.float32)
     examples = train_policy.encode_examples(tok, formats.load_pairs(args.data), args)
@@ -249,7 +250,8 @@ def one_step_world(tiny_world):
     """Six pairs of the tiny world with CONFIDENCES, the tokenizer, the policy and a different reference model (so
     that the first step's log-ratios are not 0 and each pair has its own loss)."""
     import data
-    from model import load_model, load_tokenizer
+    from model import load_model
+    from formats import load_tokenizer
     pairs = [json.loads(line) for line in open(tiny_world["pairs"])][:len(CONFIDENCES)]
     for p, c in zip(pairs, CONFIDENCES):
         p["confidence"] = c
