@@ -52,8 +52,9 @@ def generate_records(args, device, score):
                    "the prompts + --max-new-tokens", cache=True)
     score.check(records, args.max_new_tokens + 1)
 
+    dtype = torch.bfloat16 if runs.bf16_enabled(args.bf16, device) else None  # bf16 weights
     for name, path in paths.items():
-        model = load_model(path, device=device)
+        model = load_model(path, dtype, device)
         answers = generate_answers(model, toks[name], prompt_ids[name] * args.samples,
                                    args.max_new_tokens, args.temperature, args.seed, top_p=args.top_p)
         for i, r in enumerate(records):  # sample j of prompt i is answers[j * P + i]
@@ -99,6 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="of the sampled answers")
+    p.add_argument("--bf16", action="store_true", help="generate with bf16 weights")
     p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
                    help="render conversational prompts with each checkpoint's chat template")
 

@@ -1,59 +1,149 @@
-"""Generation for GRA: batched sampling with a preallocated KV cache, gpt-fast style, for model.py's
-decoder. Beside the method: eval.py's answers come from here.
+"""Generation for GRA, at the speed of the model: batched sampling over a preallocated KV cache,
+gpt-fast style, for model.py's decoder, with an optionally torch.compile'd decode step. Beside the
+method: eval.py's answers come from here.
 
     answers = generate_answers(load_model("runs/cw-dpo"), tok, prompt_ids, max_new_tokens=128)
 """
-import torch
-import torch.nn.functional as F
+import functools
 
-def sample_next(logits, temperature, top_p, generator):
-    """The next token of each row from logits [B, V]: greedy when temperature is 0, else
-    temperature / top-p (nucleus) sampling with `generator` -> [B] long."""
-    logits = logits.float()
+import torch
+
+from model import rope_cos_sin, rotate
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=1.0, generator=None,
+             compiled=False):
+    """Batched generation over a preallocated KV cache (gpt-fast style). prompts: token-id lists. Greedy when
+    temperature is 0, else temperature / top-p (nucleus) sampling with `generator`. A row stops at eos_id.
+    Returns the new tokens of each row, the EOS excluded.
+
+    The rows run sorted by prompt length (answers returned in the caller's order). Prefill runs them in groups
+    of similar lengths, right-padded (at most PREFILL_PAD padded tokens per real one): each prompt's keys /
+    values land at the start of its row of the cache [B, kv heads, longest prompt + max_new_tokens, hd], and
+    a causal mask keeps its pads out of its sight. Token t of row b then goes to position len(prompt b) + t
+    (over the pads) and attends over its row, keys past its position masked out (decode_step). Eager, each
+    step attends over the cache up to the longest row's position; compiled=True attends over the whole cache,
+    so that one torch.compile'd graph (static shapes, gpt-fast's way) serves every step.
+    """
+    if not prompts or min(map(len, prompts)) == 0:
+        raise ValueError("generate: every prompt needs at least one token")
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    prompts = [prompts[i] for i in order]
+    cfg, weight = model.config, model.wte.weight
+    B, length = len(prompts), max(map(len, prompts)) + max_new_tokens
+    length = -(-length // 128) * 128 if compiled else length  # a few cache sizes: few recompiles
+    shape = (B, cfg.n_kv_head, length, cfg.head_dim)
+    cache = [(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in range(cfg.n_layer)]
+
+    last = []
+    for a, b in prefill_groups([len(p) for p in prompts]):  # rows a .. b - 1, their own slice of the cache
+        width = len(prompts[b - 1])
+        ids = torch.tensor([p + [pad_id] * (width - len(p)) for p in prompts[a:b]], device=weight.device)  # [g, W]
+        rows = [(k[a:b], v[a:b]) for k, v in cache]
+        hidden = model(ids, cache=rows, start=0, return_hidden=True)  # [g, W, d]
+        ends = torch.tensor([len(p) - 1 for p in prompts[a:b]], device=weight.device)
+        last.append(hidden[torch.arange(b - a, device=weight.device), ends])  # [g, d] at each last prompt token
+    logits = model.lm_head(torch.cat(last))  # [B, V]
+
+    step = compiled_decode_step() if compiled else decode_step
+    sorted_rows = torch.tensor(order, device=weight.device)  # caller's row of each sorted row
+    restore = torch.argsort(sorted_rows)  # sorted row of each caller's row
+    lengths = torch.tensor([len(p) for p in prompts], device=weight.device)  # [B]
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=weight.device)
+    done = torch.zeros(B, dtype=torch.bool, device=weight.device)
+    for t in range(max_new_tokens):
+        drawn = next_token(logits.float()[restore], temperature, top_p, generator)  # draws in the caller's row order
+        nxt = drawn[sorted_rows].masked_fill(done, pad_id)  # [B]
+        out[:, t] = nxt
+        done |= nxt == eos_id
+        if done.all():
+            break
+        span = None if compiled else len(prompts[-1]) + t + 1  # eager: no key past the longest row's position
+        logits = step(model, nxt, lengths + t, cache, span)
+
+    answers = [row[:row.index(eos_id)] if eos_id in row else row[:t + 1] for row in out.tolist()]
+    return [answers[order.index(i)] for i in range(B)]
+
+PREFILL_PAD = 0.25  # padded tokens allowed per real token in a prefill group
+
+def prefill_groups(lengths):
+    """Sorted prompt lengths -> [(first row, end row)] groups whose right-padded size (rows x longest) stays
+    within (1 + PREFILL_PAD) x their real tokens."""
+    groups, first = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or (i + 1 - first) * lengths[i] > (1 + PREFILL_PAD) * sum(lengths[first:i + 1]):
+            groups.append((first, i))
+            first = i
+    return groups
+
+def next_token(logits, temperature, top_p, generator):
+    """logits [B, V] fp32 -> [B] token ids: the argmax, or a draw from softmax(logits / temperature) cut to the
+    smallest set of tokens whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = F.softmax(logits / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=1.0, generator=None):
-    """Batched generation with a preallocated KV cache (gpt-fast style). prompts: token-id lists,
-    left-padded here into one batch. Greedy when temperature is 0, else sampled (sample_next).
-    A row stops at eos_id. Returns the new tokens of each row, the EOS excluded."""
+def decode_step(model, tokens, pos, cache, span=None):
+    """One token a row through model.GPT: tokens [B] at positions pos [B] -> logits [B, V]. Writes each row's
+    keys / values at its position in the cache and attends over the row's first `span` keys (None: all), those
+    past pos masked out."""
     cfg = model.config
-    param = next(model.parameters())
-    device = param.device
-    B, P = len(prompts), max(len(p) for p in prompts)
+    x = model.project_in(model.wte(tokens[:, None]))  # [B, 1, d]
+    if model.wpe is not None:  # OPT stores max_pos + 2 learned positions and skips the first two
+        x = x + model.wpe(pos[:, None] + (2 if cfg.model_type == "opt" else 0))
 
-    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)  # [B, P], left-padded
-    mask = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, device=device)
-        mask[i, P - len(p):P] = 1
-    shape = (B, cfg.n_kv_head, P + max_new_tokens, cfg.head_dim)
-    cache = [(torch.zeros(shape, dtype=param.dtype, device=device),
-              torch.zeros(shape, dtype=param.dtype, device=device)) for _ in range(cfg.n_layer)]
-    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rope = rope_cos_sin(cfg, pos[:, None], x.dtype) if cfg.rope else None  # cos, sin [B, 1, 1, hd]
+    length = span or cache[0][0].shape[2]
+    hidden = torch.arange(length, device=pos.device) > pos[:, None]  # [B, L] keys not yet written
+    bias = torch.zeros(hidden.shape, dtype=torch.float32, device=pos.device).masked_fill(hidden, float("-inf"))
+    bias = bias[:, None, None]  # [B, 1, 1, L]
 
-    # the prompt: project only the last position ([B, P, V] logits at a 150k vocabulary would not fit)
-    hidden = model(ids, mask[:, :P], return_hidden=True, cache=cache, start=0)  # [B, P, d']
-    logits = model.lm_head(hidden[:, -1])  # [B, V]
+    for block, (k_cache, v_cache) in zip(model.h, cache):
+        def attention(h):
+            return attend(block.attn, h, rope, bias, k_cache[:, :, :length], v_cache[:, :, :length], pos)
 
-    for t in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, generator).masked_fill(done, pad_id)
-        out[:, t] = token
-        done |= token == eos_id
-        if done.all():
-            break
-        mask[:, P + t] = 1
-        logits = model(token[:, None], mask[:, :P + t + 1], cache=cache, start=P + t)[:, -1]
+        if block.pre_norm:
+            x = x + attention(block.ln_1(x))
+            x = x + block.mlp(block.ln_2(x))
+        else:
+            x = block.ln_1(x + attention(x))
+            x = block.ln_2(x + block.mlp(x))
 
-    return [row[:row.index(eos_id)] if eos_id in row else row[:t + 1] for row in out.tolist()]
+    return model.lm_head(model.project_out(model.ln_f(x)))[:, 0]  # [B, V]
+
+def attend(attn, x, rope, bias, k_cache, v_cache, pos):
+    """model.Attention for one query a row: softmax(q K^T / sqrt(hd) + bias) V over the row's cache, the
+    softmax in fp32, grouped-query heads as [B, kv heads, group, hd]."""
+    c = attn.cfg
+    B, group = x.shape[0], c.n_head // c.n_kv_head
+    q, k, v = attn.qkv(x).split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], -1)
+    q = q.view(B, c.n_head, 1, c.head_dim)  # [B, H, 1, hd]
+    k = k.view(B, c.n_kv_head, 1, c.head_dim)
+    if attn.q_norm is not None:  # Qwen3: each head's q and k RMS-normed before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        q, k = rotate(q, *rope), rotate(k, *rope)
+
+    rows = torch.arange(B, device=pos.device)
+    k_cache[rows, :, pos] = k[:, :, 0]  # [B, kv, hd] at each row's position
+    v_cache[rows, :, pos] = v.view(B, c.n_kv_head, c.head_dim)
+
+    q = q.view(B, c.n_kv_head, group, c.head_dim)  # query head h uses key head h // group
+    scores = (q @ k_cache.transpose(-1, -2)).float() * c.head_dim ** -0.5 + bias  # [B, kv, group, L]
+    y = torch.softmax(scores, dim=-1).to(v_cache.dtype) @ v_cache  # [B, kv, group, hd]
+    return attn.o(y.reshape(B, 1, c.n_head * c.head_dim))
+
+@functools.cache
+def compiled_decode_step():
+    """decode_step under torch.compile: static shapes, so one graph for every step of a generate call."""
+    return torch.compile(decode_step, dynamic=False)
 
 def generate_answers(model, tok, prompt_ids, max_new_tokens=64, temperature=0.0, seed=0, batch_size=256,
                      top_p=1.0):

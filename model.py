@@ -344,11 +344,14 @@ class GPT(nn.Module):
         batch of data.collate (position_ids, segment_ids, branch_ids), the packed row instead of
         attention_mask.
         """
+        device_type = input_ids.device.type  # masks and RoPE in the dtype q and k have: no casts
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else self.wte.weight.dtype
         if layout is not None:
-            pos, mask = self.packed_mask(input_ids, layout)
+            pos, mask = self.packed_mask(input_ids, layout, dtype)
         else:
             pos, mask = self.padded_mask(input_ids, attention_mask, start)
-        rope = rope_cos_sin(self.config, pos, self.wte.weight.dtype) if self.config.rope else None
+        rope = rope_cos_sin(self.config, pos, dtype) if self.config.rope else None
 
         x = self.project_in(self.wte(input_ids))  # [B, T, d]
         if self.wpe is not None:  # OPT stores max_pos + 2 learned positions and skips the first two
@@ -363,7 +366,7 @@ class GPT(nn.Module):
         x = self.project_out(self.ln_f(x))  # [B, T, d']
         return x if return_hidden else self.lm_head(x)
 
-    def packed_mask(self, input_ids, layout):
+    def packed_mask(self, input_ids, layout, dtype):
         """-> (positions [1, T], mask) of data.collate's packed row: the rule `visible` as one
         FlexAttention block mask over the row (CUDA, where a dense mask would turn SDPA's flash
         kernels off), or as one additive mask per example, for SDPA over its span alone (CPU)."""
@@ -379,7 +382,6 @@ class GPT(nn.Module):
         # one additive [L, L] mask per example, in order (SDPA would keep a float copy of a bool one)
         sizes = torch.unique_consecutive(segment_ids[0], return_counts=True)[1].tolist()
         spans = torch.arange(T, device=device).split(sizes)
-        dtype = self.wte.weight.dtype
         mask = [torch.where(rule(0, None, s[:, None], s), 0.0, float("-inf")).to(dtype) for s in spans]
         return layout["position_ids"], mask
 

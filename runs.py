@@ -4,6 +4,7 @@ torchrun and FSDP2, and the memory a run will need. train_policy.py and train_we
 none of it changes what is computed.
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -317,7 +318,7 @@ def memory_estimate(cfg, args, world_size=1, device=torch.device("cpu"), reward=
     length = args.max_prompt_len + (1 if args.objective == "sft" else 2) * args.max_answer_len
     saved = 4 * d + 4 - 2 * r + 3 * q + 2 * kv + cfg.n_head + (2 + r - (cfg.act == "relu")) * f  # a block, a token
     saved += (q + 2 * kv + cfg.n_head + cfg.n_kv_head) * cfg.qk_norm
-    size = 2 if device.type == "cuda" and (args.bf16 or args.lora_rank) else 4  # bf16 autocast, else fp32
+    size = 2 if bf16_enabled(args.bf16, device) or args.lora_rank and device.type == "cuda" else 4
     kept = size * (d * cfg.n_layer + saved if args.grad_checkpointing else saved * cfg.n_layer)  # per token
     head = 0 if reward else min(pairs * (length - args.max_prompt_len), cwpo.DEFAULT_CHUNK_SIZE) * cfg.vocab_size * 4
     tied = 4 * cfg.vocab_size * e * (cfg.tie_word_embeddings and not args.lora_rank and not reward)
@@ -421,3 +422,28 @@ def check_fits(model_path, cfg, tok, length, what, cache=False):
     if cfg.sliding_window and length > cfg.sliding_window:
         raise ValueError(f"{what} exceed {model_path}'s sliding_window {cfg.sliding_window} "
                          "(config.json): sliding-window attention is not supported")
+
+# ----------------------------------------------------------------------------------- bf16
+
+@functools.cache
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+def bf16_enabled(flag, device):
+    """--bf16 (True, False, or None: the device's default) -> whether to run bf16 autocast on `device`.
+
+    Default on CUDA; opt-in on CPU, where fp32 keeps the results exact (the parity tests, eval.py's table).
+    A CPU without native bf16 keeps fp32, with one line saying so.
+    """
+    if device.type != "cpu":
+        return flag is not False
+
+    if flag and not cpu_has_bf16():
+        no_bf16_notice()
+    return bool(flag) and cpu_has_bf16()
+
+@functools.cache
+def no_bf16_notice():
+    """The one line a --bf16 run on a CPU without bf16 prints (once a process)."""
+    print("--bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); running fp32")

@@ -51,12 +51,12 @@ def pair_weights(pairs, weighting, top_fraction):
     return [p for p, k in zip(pairs, keep) if k], [1.0] * sum(keep)
 
 @torch.no_grad()
-def add_reference_logps(model, examples, batch_size, device, ld_alpha=None, bf16=False):
+def add_reference_logps(model, examples, batch_size, device, ld_alpha=None, bf16=None):
     """Store the starting model's summed log-probs in each example ("ref_chosen_logps",
-    "ref_rejected_logps"), computed as the policy's are in training (ld_alpha, bf16 autocast on
-    CUDA): the first step's log-ratios are 0."""
+    "ref_rejected_logps"), computed as the policy's are in training (ld_alpha, bf16 autocast where
+    runs.bf16_enabled): the first step's log-ratios are 0."""
     model.eval()
-    autocast = bf16 and device.type == "cuda"
+    autocast = runs.bf16_enabled(bf16, device)
     for chunk in data.iterate_batches(examples, batch_size):
         batch = {k: v.to(device) for k, v in data.collate(chunk).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -171,7 +171,7 @@ def forward_backward(model, objective, batch, args, rank, world_size, device):
 
     local = batch[rank::world_size]
     n_micro = min(args.grad_accum, math.ceil(len(batch) / world_size))  # the same on all ranks
-    autocast = args.bf16 and device.type == "cuda"
+    autocast = runs.bf16_enabled(args.bf16, device)
     totals, n_tokens = {"loss": 0.0}, 0
     for i in range(n_micro):
         micro, share = local[i::n_micro], 1.0
@@ -298,7 +298,8 @@ def add_training_args(p):
     p.add_argument("--max-answer-len", type=positive_int, default=256)
     p.add_argument("--normalize", default="mean", choices=("mean", "sum_w"),
                    help="divide sum(w * loss) by the pair count or by sum(w)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast (default: on CUDA; opt-in on a CPU with AVX512-BF16 / AMX)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute activations in backward: less memory, about 30 %% more compute (TRL's default)")
     p.add_argument("--seed", type=int, default=0)

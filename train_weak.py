@@ -45,10 +45,13 @@ def bt_objective(model, batch):
 def score_pairs(rm, tok, pairs, args, device, log=print):
     """Annotator scores of both answers of each pair -> (scores of "chosen", of "rejected"), [P]."""
     rm.eval()
+    device = torch.device(device)
+    autocast = runs.bf16_enabled(getattr(args, "bf16", None), device)  # world.py's args have none
     first, second, t0 = [], [], time.time()
     for chunk in data.iterate_batches(train_policy.encode_pairs(tok, pairs, args), args.batch_size):
         batch = {k: v.to(device) for k, v in data.collate(chunk).items()}
-        a, b = rm(batch["input_ids"], layout=batch).float().cpu().chunk(2)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            a, b = rm(batch["input_ids"], layout=batch).float().cpu().chunk(2)
         first.append(a)
         second.append(b)
 

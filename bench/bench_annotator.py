@@ -3,6 +3,10 @@ layout), each in a fresh process, interleaved (ABAB) and repeated (issue 15).
 
     git worktree add /tmp/old 14e8137     # the code before the packed layout
     python bench/bench_annotator.py --old /tmp/old --model models/smollm2-135m --rounds 2
+    python bench/bench_annotator.py --dtypes --model models/smollm2-135m --rounds 3 --train-steps 2   # fp32 vs bf16
+
+--dtypes compares this checkout with itself, --no-bf16 (fp32) against --bf16 (bf16 autocast over fp32 weights,
+on a CPU with native bf16; issue 25), scoring and training alike.
 
 Per variant and round: train_weak.score_pairs on --score-pairs pairs (a seeded sample of --data; the scoring pass
 of train_weak.py, batch --batch-size, --max-prompt-len / --max-answer-len as the README's run: 8, 256 + 256),
@@ -29,10 +33,10 @@ def child(args):
     """Runs inside --root's checkout: its train_weak, train_policy, data, model."""
     sys.path.insert(0, args._root)
     import torch
-    import formats
     import train_weak
-    from model import load_model
+    import formats
     from formats import load_tokenizer
+    from model import load_model
 
     torch.set_num_threads(2)
     pairs = random.Random(0).sample(formats.load_pairs(args.data), args.score_pairs + 8 * args.train_steps)
@@ -41,7 +45,8 @@ def child(args):
     opts = train_weak.parser().parse_args(
         ["--model", args.model, "--data", args.data, "--out", work, "--max-steps", str(args.train_steps),
          "--batch-size", str(args.batch_size), "--lr", "1e-5", "--log-every", "1", "--warmup-steps", "0",
-         "--max-prompt-len", str(args.max_prompt_len), "--max-answer-len", str(args.max_answer_len)])
+         "--max-prompt-len", str(args.max_prompt_len), "--max-answer-len", str(args.max_answer_len)]
+        + ([] if args._bf16 is None else ["--bf16" if args._bf16 else "--no-bf16"]))
     opts.log_every = 10**6  # score_pairs: no progress lines
     torch.manual_seed(0)  # the same fresh scalar head on both sides
     rm = load_model(args.model, dtype=torch.float32, reward=True)
@@ -61,14 +66,16 @@ def child(args):
 
 
 def main(args):
-    variants = {"before (" + args.old + ")": args.old, "after (this checkout)": REPO_ROOT}
+    variants = {"before (" + args.old + ")": (args.old, []), "after (this checkout)": (REPO_ROOT, [])}
+    if args.dtypes:  # "before" is fp32, "after" bf16, both this checkout
+        variants = {"fp32": (REPO_ROOT, ["--_bf16", "0"]), "bf16": (REPO_ROOT, ["--_bf16", "1"])}
     results = {name: [] for name in variants}
     print(f"annotator {args.model}: scoring {args.score_pairs} HH pairs, {args.train_steps} BT steps, batch "
           f"{args.batch_size}, {args.max_prompt_len} + {args.max_answer_len} tokens; env {ENV}; load "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     for rnd in range(args.rounds):
-        for name, root in variants.items():
-            argv = [sys.executable, os.path.abspath(__file__), "--_root", root] + sys.argv[1:]
+        for name, (root, extra) in variants.items():
+            argv = [sys.executable, os.path.abspath(__file__), "--_root", root] + sys.argv[1:] + extra
             proc = subprocess.run(argv, env={**os.environ, **ENV}, capture_output=True, text=True)
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not lines:
@@ -89,7 +96,9 @@ def main(args):
               f"{' '.join(f'{x:.2f}' for x in step)}); peak RSS {max(r['peak_rss_bytes'] for r in runs) / 1e9:.2f} GB")
     rate = lambda runs: statistics.median(r["pairs_per_s"] for r in runs)  # noqa: E731
     step = lambda runs: statistics.median(statistics.mean(r["step_s"]) for r in runs)  # noqa: E731
-    print(f"after / before: scoring {rate(new) / rate(old):.2f}x faster (goal 2.5x), training "
+    goal = "goal 2x" if args.dtypes else "goal 2.5x"
+    by_round = ", ".join(f"{b['pairs_per_s'] / a['pairs_per_s']:.2f}x" for a, b in zip(old, new))
+    print(f"{after} / {before}: scoring {rate(new) / rate(old):.2f}x faster ({goal}; by round {by_round}), training "
           f"{step(old) / step(new):.2f}x faster")
 
 
@@ -104,6 +113,8 @@ if __name__ == "__main__":
     p.add_argument("--max-prompt-len", type=int, default=256)
     p.add_argument("--max-answer-len", type=int, default=256)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--dtypes", action="store_true", help="this checkout fp32 (--no-bf16) against bf16 (--bf16)")
     p.add_argument("--_root", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_bf16", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     child(args) if args._root else main(args)

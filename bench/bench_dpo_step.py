@@ -5,6 +5,9 @@
     python bench/bench_dpo_step.py --preset qwen2.5-0.5b --vocab 151936 --device cuda --dtype bfloat16   # on a GPU
     python bench/bench_dpo_step.py --preset smollm2-135m --vocab 49152 --data data/hh-rlhf-harmless-base-test.jsonl.gz \
         --hh-pairs 24 --pairs 8 --warmup 1 --rounds 2 --variants trl_precompute ours     # real HH-RLHF pairs (issue 15)
+    python bench/bench_dpo_step.py --preset smollm2-135m --vocab 49152 --data data/hh-rlhf-harmless-base-test.jsonl.gz \
+        --hh-pairs 32 --pairs 8 --warmup 1 --rounds 2 --variants trl_precompute ours \
+        --dtype float32 bfloat16       # fp32 and bf16 in one run, interleaved (issue 25; CPU bf16 needs AVX512-BF16/AMX)
 
 With --data: --hh-pairs real pairs (seeded sample), tokenized by --tokenizer (the converted SmolLM2-135M) at
 --max-prompt-len + --max-answer-len (256 + 128), a truncated answer's last token made the EOS (TRL appends one).
@@ -40,7 +43,11 @@ weight decay 0, max grad norm --max-grad-norm, learning rate --lr, no warm-up, l
 (ours' schedule; TRL's "polynomial" scheduler with power 1 and lr_end = 0.1 lr gives the same one), dropout off,
 no logging, no evaluation, no checkpoints, report_to none, fp32 on CPU. TRL keeps its default optimizer
 implementation (optim adamw_torch_fused) and its fused chunked LM head (add_fused_lm_head).
-On --device cuda with --dtype bfloat16 both run fp32 weights under bf16 autocast (TRL bf16=True, ours --bf16).
+With --dtype bfloat16 both run fp32 weights under bf16 autocast (TRL bf16=True, ours --bf16), on CUDA or on a CPU
+with native bf16. Several --dtype values run in one process tree: each round runs every (dtype, variant) in turn,
+and the matmul reference is timed in fp32 and in bf16, so that every row shows the share of both rates it reaches
+(issue 25's goals, printed at the end: ours bf16 >= 3x ours fp32 and >= 4x TRL bf16, <= 0.4x TRL bf16's peak
+memory, >= 35 % of the bf16 matmul rate on useful FLOPs).
 
 Per variant:
   loss        the loss at step 0 (log 2 in every variant: policy = reference) and at the last step; the largest
@@ -389,17 +396,17 @@ def triton_available():
         return False
 
 
-def spawn(args, role, work, vocab_size):
+def spawn(args, role, work, vocab_size, dtype):
     """Run this script as a child with the pinned environment; its RESULT line as a dict."""
     env = {**os.environ, **child_env(args), "HF_DATASETS_CACHE": os.path.join(work, "hf_datasets")}
     argv = [sys.executable, os.path.abspath(__file__), "--_child", role, "--_work", work, "--_vocab-size", str(vocab_size),
-            "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype, "--pairs", str(args.pairs),
+            "--threads", str(args.threads), "--device", args.device, "--dtype", dtype, "--pairs", str(args.pairs),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--lr", repr(args.lr),
             "--max-grad-norm", repr(args.max_grad_norm)]
     start = time.time()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=work)
     if proc.returncode != 0:
-        raise RuntimeError(f"child {role} (V={vocab_size}) failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+        raise RuntimeError(f"child {role} {dtype} (V={vocab_size}) failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise RuntimeError(f"child {role} (V={vocab_size}) printed no result:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -408,7 +415,7 @@ def spawn(args, role, work, vocab_size):
     return result
 
 
-def summarize(args, vocab, result, flops, matmul, ours_losses):
+def summarize(args, vocab, result, flops, matmul, ours_losses, rates):
     timed = result["step_times_s"]  # the timed steps of every round
     step_s = statistics.mean(timed) if args.data else statistics.median(timed)  # real batches differ step to step
     counted = flops[result["variant"]]
@@ -419,6 +426,7 @@ def summarize(args, vocab, result, flops, matmul, ours_losses):
             "useful_flop_per_s": flops["useful"] / step_s, "matmul_flop_per_s": matmul["flop_per_s"],
             "useful_flops": flops["useful"],
             "useful_matmul_fraction": flops["useful"] / step_s / matmul["flop_per_s"],
+            **{f"useful_{d}_fraction": flops["useful"] / step_s / r["flop_per_s"] for d, r in rates.items()},
             "loss_step0": result["losses"][0], "loss_last": result["losses"][-1],
             "max_loss_diff_vs_ours": max(diffs) if diffs else None}
 
@@ -426,17 +434,21 @@ def summarize(args, vocab, result, flops, matmul, ours_losses):
 def format_table(rows, device):
     cuda = device.startswith("cuda")
     mem = "CUDA peak GB" if cuda else "peak RSS GB"
-    head = (f"{'V':>7} | {'variant':<14} | {'loss@0':>8} | {'loss@last':>9} | {'|dloss| max':>11} | {'s/step':>7} | {'min s':>6} | "
+    head = (f"{'V':>7} | {'variant':<14} | {'dtype':<8} | {'loss@0':>8} | {'loss@last':>9} | {'|dloss| max':>11} | {'s/step':>7} | {'min s':>6} | "
             f"{'rounds (mean s/step)':>22} | "
-            f"{'tokens/s':>8} | {mem:>12} | {'GFLOP/step':>10} | {'GFLOP/s':>7} | {'% matmul':>8} | {'% useful':>8}")
+            f"{'tokens/s':>8} | {mem:>12} | {'GFLOP/step':>10} | {'GFLOP/s':>7} | {'% matmul':>8} | {'% useful':>8} | "
+            f"{'% fp32 mm':>9} | {'% bf16 mm':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = r["cuda_peak_bytes"] if cuda else r["peak_rss_bytes"]
-        lines.append(f"{r['vocab']:>7} | {r['variant']:<14} | {r['loss_step0']:>8.5f} | {r['loss_last']:>9.5f} | "
+        share = {d: f"{100 * r[f'useful_{d}_fraction']:>8.1f}%" if f"useful_{d}_fraction" in r else f"{'-':>9}"
+                 for d in ("float32", "bfloat16")}
+        lines.append(f"{r['vocab']:>7} | {r['variant']:<14} | {r['dtype']:<8} | {r['loss_step0']:>8.5f} | {r['loss_last']:>9.5f} | "
                      f"{r['max_loss_diff_vs_ours']:>11.1e} | {r['step_s']:>7.3f} | {r['min_step_s']:>6.3f} | "
                      f"{' '.join(f'{x:.2f}' for x in r['round_step_s']):>22} | {r['tokens_per_s']:>8.0f} | "
                      f"{peak / 1e9:>12.2f} | {r['flops_per_step'] / 1e9:>10.1f} | {r['flop_per_s'] / 1e9:>7.1f} | "
-                     f"{100 * r['matmul_fraction']:>7.1f}% | {100 * r['useful_matmul_fraction']:>7.1f}%")
+                     f"{100 * r['matmul_fraction']:>7.1f}% | {100 * r['useful_matmul_fraction']:>7.1f}% | "
+                     f"{share['float32']} | {share['bfloat16']}")
     return "\n".join(lines)
 
 
@@ -444,20 +456,20 @@ def ratio_lines(rows, device):
     """ours / TRL for each TRL variant, and the issue's goal against TRL's best (fastest) configuration."""
     key = "cuda_peak_bytes" if device.startswith("cuda") else "peak_rss_bytes"
     lines, goals = [], []
-    for vocab in sorted({r["vocab"] for r in rows}):
-        by = {r["variant"]: r for r in rows if r["vocab"] == vocab}
+    for vocab, dtype in sorted({(r["vocab"], r["dtype"]) for r in rows}):
+        by = {r["variant"]: r for r in rows if r["vocab"] == vocab and r["dtype"] == dtype}
         if "ours" not in by:
             continue
         ours = by["ours"]
         trl = [by[v] for v in ("trl_ref", "trl_precompute") if v in by]
         bound = ours["useful_flops"] / ours["matmul_flop_per_s"]
-        line = f"V={vocab}: matmul-bound step (useful FLOPs at the matmul rate) {bound:.3f} s"
+        line = f"V={vocab} {dtype}: matmul-bound step (useful FLOPs at the matmul rate) {bound:.3f} s"
         if trl:
             line += f" -> at most {min(t['step_s'] for t in trl) / bound:.2f}x faster than TRL's best"
         lines.append(line)
         for t in trl:  # by round: each round ran both sides back to back (ABAB), so its ratio is a paired one
             by_round = ", ".join(f"{a / b:.2f}x" for a, b in zip(t["round_step_s"], ours["round_step_s"]))
-            lines.append(f"V={vocab}: ours / {t['variant']}: time {ours['step_s'] / t['step_s']:.3f} "
+            lines.append(f"V={vocab} {dtype}: ours / {t['variant']}: time {ours['step_s'] / t['step_s']:.3f} "
                          f"(speed-up {t['step_s'] / ours['step_s']:.2f}x; by round {by_round}), "
                          f"peak memory {ours[key] / t[key]:.3f}")
         if trl:
@@ -465,12 +477,38 @@ def ratio_lines(rows, device):
             speedup, memory = best["step_s"] / ours["step_s"], ours[key] / best[key]
             target_speed, target_memory = 4.0, 0.4  # issue 15's goal
             ok = speedup >= target_speed and memory <= target_memory
-            goals.append({"vocab": vocab, "trl_best": best["variant"], "speedup": speedup, "memory_ratio": memory,
+            goals.append({"vocab": vocab, "dtype": dtype, "trl_best": best["variant"], "speedup": speedup, "memory_ratio": memory,
                           "met": ok})
-            lines.append(f"goal V={vocab}: ours >= {target_speed}x faster than TRL's best ({best['variant']}): "
+            lines.append(f"goal V={vocab} {dtype}: ours >= {target_speed}x faster than TRL's best ({best['variant']}): "
                          f"{speedup:.2f}x -> {'PASS' if speedup >= target_speed else 'FAIL'}; peak memory <= "
                          f"{target_memory} of its: {memory:.3f} -> {'PASS' if memory <= target_memory else 'FAIL'}")
+    lines += bf16_goal_lines(rows, key, goals)
     return lines, goals
+
+
+def bf16_goal_lines(rows, key, goals):
+    """Issue 25's goals, where a run has both dtypes: ours bf16 against ours fp32 and TRL's best in bf16."""
+    lines = []
+    for vocab in sorted({r["vocab"] for r in rows}):
+        by = {(r["variant"], r["dtype"]): r for r in rows if r["vocab"] == vocab}
+        if ("ours", "bfloat16") not in by or ("ours", "float32") not in by:
+            continue
+        ours16, ours32 = by[("ours", "bfloat16")], by[("ours", "float32")]
+        by_round = ", ".join(f"{a / b:.2f}x" for a, b in zip(ours32["round_step_s"], ours16["round_step_s"]))
+        checks = [(f"ours bf16 >= 3x ours fp32 (by round {by_round})", ours32["step_s"] / ours16["step_s"], 3.0),
+                  ("ours bf16 useful FLOPs >= 35 % of the bf16 matmul rate", ours16["useful_bfloat16_fraction"], 0.35)]
+        trl = [r for (v, d), r in by.items() if d == "bfloat16" and v != "ours"]
+        if trl:
+            best = min(trl, key=lambda t: t["step_s"])
+            by_round = ", ".join(f"{a / b:.2f}x" for a, b in zip(best["round_step_s"], ours16["round_step_s"]))
+            checks += [(f"ours bf16 >= 4x {best['variant']} bf16 (by round {by_round})",
+                        best["step_s"] / ours16["step_s"], 4.0),
+                       (f"ours bf16 peak memory <= 0.4x {best['variant']} bf16's", -ours16[key] / best[key], -0.4)]
+        for text, value, target in checks:
+            met = value >= target
+            goals.append({"vocab": vocab, "goal": text, "value": abs(value), "met": met})
+            lines.append(f"goal V={vocab} (issue 25): {text}: {abs(value):.3g} -> {'PASS' if met else 'FAIL'}")
+    return lines
 
 
 def write_json_atomic(path, payload):
@@ -503,7 +541,7 @@ def print_header(args, env):
     print(f"  training: sigmoid (DPO) loss, beta 0.1, AdamW betas (0.9, 0.95), lr {args.lr:g} decaying linearly to "
           f"10 %, max grad norm {args.max_grad_norm:g}; {args.steps} steps, {'mean' if args.data else 'median'} of the last "
           f"{args.steps - args.warmup} (first {args.warmup} = warm-up)")
-    print(f"  device {args.device}, {args.dtype if args.device.startswith('cuda') else 'float32'}; "
+    print(f"  device {args.device}, {' and '.join(args.dtype)}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")
     print(f"  torch threads {args.threads}; child env: " + " ".join(f"{k}={v}" for k, v in env.items()))
     print(f"  host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average "
@@ -511,7 +549,7 @@ def print_header(args, env):
 
 
 def main(args):
-    if args.device.startswith("cuda") and args.dtype == "float32":
+    if args.device.startswith("cuda") and "float32" in args.dtype:
         print("note: --device cuda with --dtype float32 runs fp32 on the GPU (TF32 off)")
     env = child_env(args)
     print_header(args, env)
@@ -542,31 +580,38 @@ def main(args):
                 json.dump(gemms, f)
             print(f"V={vocab}: {shape['params'] / 1e6:.1f}M parameters; LM head projects {flops['ours_projected']:.0f} "
                   f"positions a step in ours, {flops['trl_projected']:.0f} in TRL", flush=True)
-            matmul = spawn(args, "matmul", work, vocab)
-            matmuls[vocab] = matmul
-            print(f"  matmul reference (step's GEMM shapes): {matmul['flop_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
+            rates = {}  # the matmul reference in each dtype run (both, where bf16 is)
+            for dtype in ["float32", "bfloat16"] if "bfloat16" in args.dtype else args.dtype:
+                rates[dtype] = spawn(args, "matmul", work, vocab, dtype)
+                print(f"  matmul reference (step's GEMM shapes), {dtype}: {rates[dtype]['flop_per_s'] / 1e9:.1f} "
+                      f"GFLOP/s", flush=True)
+            matmuls[vocab] = rates
             results = {}
-            for rnd in range(args.rounds):  # ABAB: every variant once per round, in the same order
-                for variant in ["ours"] + [v for v in args.variants if v != "ours"]:  # ours first: its losses
-                    r = spawn(args, variant, work, vocab)
+            runs = [(d, v) for d in args.dtype for v in ["ours"] + [v for v in args.variants if v != "ours"]]
+            for rnd in range(args.rounds):  # ABAB: every (dtype, variant) once per round, in the same order
+                for dtype, variant in runs:  # ours first in each dtype: its losses
+                    r = spawn(args, variant, work, vocab, dtype)
+                    r["dtype"] = dtype
                     r["step_times_s"] = r["step_times_s"][args.warmup:]
                     r["round_step_s"] = [statistics.mean(r["step_times_s"])]
                     optimizer = f", TRL optim {r['optim'].split('.')[-1].lower()}" if "optim" in r else ""
-                    print(f"  round {rnd + 1} {variant}: {statistics.median(r['step_times_s']):.3f} s/step median, "
+                    print(f"  round {rnd + 1} {variant} {dtype}: {statistics.median(r['step_times_s']):.3f} s/step median, "
                           f"{r['round_step_s'][0]:.3f} mean, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB, losses "
                           f"{' '.join(f'{x:.5f}' for x in r['losses'])} ({r['wall_s']:.0f} s wall{optimizer})", flush=True)
-                    if variant in results:  # merge the rounds: all timed steps, the highest peak
-                        kept = results[variant]
+                    if (dtype, variant) in results:  # merge the rounds: all timed steps, the highest peak
+                        kept = results[(dtype, variant)]
                         kept["step_times_s"] += r["step_times_s"]
                         kept["round_step_s"] += r["round_step_s"]
                         for key in ("peak_rss_bytes", "cuda_peak_bytes"):
                             if key in r:
                                 kept[key] = max(kept[key], r[key])
                     else:
-                        results[variant] = r
-            for variant in VARIANTS:
-                if variant in results and variant in args.variants:
-                    rows.append(summarize(args, vocab, results[variant], flops, matmul, results["ours"]["losses"]))
+                        results[(dtype, variant)] = r
+            for dtype in args.dtype:
+                for variant in VARIANTS:
+                    if (dtype, variant) in results and variant in args.variants:
+                        rows.append(summarize(args, vocab, results[(dtype, variant)], flops, rates[dtype],
+                                              results[(dtype, "ours")]["losses"], rates))
     finally:
         shutil.rmtree(work_root, ignore_errors=True)
     print()
@@ -609,8 +654,8 @@ def parse_args(argv=None):
     p.add_argument("--malloc-tuning", action=argparse.BooleanOptionalAction, default=True,
                    help="MALLOC_MMAP_MAX_=0 and a large MALLOC_TRIM_THRESHOLD_ in the children")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="bfloat16: fp32 weights under bf16 autocast (CUDA only)")
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16"),
+                   help="bfloat16: fp32 weights under bf16 autocast (CUDA, or a CPU with bf16); several: one run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1, help="run every variant this many times, interleaved (ABAB)")
     p.add_argument("--data", help="real pairs (e.g. data/hh-rlhf-harmless-base-test.jsonl.gz) instead of random ids: "
@@ -628,8 +673,12 @@ def parse_args(argv=None):
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.dtype == "bfloat16" and not args.device.startswith("cuda"):
-        p.error("--dtype bfloat16 needs --device cuda (on CPU both run fp32)")
+    if args._child:  # a child runs one dtype
+        args.dtype = args.dtype[0]
+    elif "bfloat16" in args.dtype and not args.device.startswith("cuda"):
+        import torch
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            p.error("--dtype bfloat16 on CPU needs native bf16 (AVX512-BF16 or AMX), which this CPU lacks")
     if args.data:  # one epoch of distinct batches
         args.steps = args.hh_pairs // args.pairs
         args.prompt_len, args.completion_len = args.max_prompt_len, args.max_answer_len  # for the model's max positions

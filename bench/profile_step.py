@@ -2,6 +2,7 @@
 SmolLM2-135M shape (random weights), each batch stepped until warm, then one step under torch.profiler.
 
     python bench/profile_step.py --data data/hh-rlhf-harmless-base-test.jsonl.gz --tokenizer models/smollm2-135m
+    python bench/profile_step.py --tokenizer models/smollm2-135m --bf16 --top 15      # under bf16 autocast (issue 25)
 
 Printed per batch: the step's time unprofiled, then the profiler's self time by kind: GEMMs (aten::mm / addmm:
 every linear layer and the LM head), attention (SDPA's CPU flash kernel, forward and backward), the optimizer,
@@ -34,8 +35,8 @@ def main(args):
     import cwpo
     import data
     import formats
-    from model import GPT, Config
     from formats import load_tokenizer
+    from model import GPT, Config
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.tokenizer)
@@ -50,7 +51,8 @@ def main(args):
     ref = torch.full((args.pairs,), -50.0)  # any fixed reference: the cost does not depend on it
 
     def step(batch):
-        loss, _ = cwpo.batch_loss(model, data.collate(batch), ref, ref, loss_type="sigmoid", beta=0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):  # as train_policy.train under --bf16
+            loss, _ = cwpo.batch_loss(model, data.collate(batch), ref, ref, loss_type="sigmoid", beta=0.1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -72,6 +74,8 @@ def main(args):
         for k, v in by_kind.items():
             totals[k] = totals.get(k, 0.0) + v
         shares = ", ".join(f"{k} {v / sum(by_kind.values()):.1%}" for k, v in sorted(by_kind.items()))
+        if args.top:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
         tokens = sum(len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in batch)
         print(f"batch {b + 1}: {tokens} tokens, step {wall:.2f} s unprofiled; profiled {sum(by_kind.values()):.2f} s: "
               f"{shares}", flush=True)
@@ -88,6 +92,8 @@ if __name__ == "__main__":
     p.add_argument("--warmup", type=int, default=2, help="steps on each batch before its profiled step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="the step under CPU bf16 autocast (fp32 master weights)")
+    p.add_argument("--top", type=int, default=0, help="also print the profiler's N largest operators by self time")
     args = p.parse_args()
     if any(os.environ.get(k) != v for k, v in ENV.items()):  # before torch is imported: rerun with the pinned env
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ENV})
