@@ -447,3 +447,42 @@ def bf16_enabled(flag, device):
 def no_bf16_notice():
     """The one line a --bf16 run on a CPU without bf16 prints (once a process)."""
     print("--bf16: this CPU has no native bf16 (AVX512-BF16 / AMX); running fp32")
+
+def add_training_args(p):
+    """The training flags of train_policy.py and train_weak.py: data, model, optimization, logging."""
+    from lora import LORA_MODULES  # lora imports model, which imports this module
+    count = lambda text: positive_int(text, 0)  # noqa: E731
+    p.add_argument("--model", required=True, help="starting checkpoint folder (a policy's is also its reference)")
+    p.add_argument("--data", required=True, help="pairs file (.jsonl[.gz] / .parquet): HH-RLHF, TL;DR, UltraFeedback")
+    p.add_argument("--format", default="auto", help="data format for formats.load_pairs (hh, "
+                   "tldr, ufb, pairs; hh-chat: HH-RLHF as user / assistant turns)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="conversational data rendered with the chat template (TRL); off: plain")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--epochs", type=positive_int, default=1)
+    p.add_argument("--max-steps", type=count, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="pairs (or sequences) per step, all ranks")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step on each rank")
+    p.add_argument("--lr", type=positive_float, default=1e-6)
+    p.add_argument("--warmup-steps", type=count, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=positive_float, default=10.0)
+    p.add_argument("--max-prompt-len", type=positive_int, default=256)
+    p.add_argument("--max-answer-len", type=positive_int, default=256)
+    p.add_argument("--normalize", default="mean", choices=("mean", "sum_w"),
+                   help="divide sum(w * loss) by the pair count or by sum(w)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bf16 autocast (default: on CUDA; opt-in on a CPU with AVX512-BF16 / AMX)")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute activations in backward: less memory, about 30 %% more compute (TRL's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=positive_int, default=10)
+    p.add_argument("--save-every", type=count, default=0, help="checkpoint every N steps (0: only the final model)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-STEP")
+    p.add_argument("--overwrite", action="store_true", help="remove an earlier run's outputs from OUT first")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA's update is scaled by alpha / rank")
+    p.add_argument("--lora-modules", default=",".join(LORA_MODULES),
+                   help="the modules of each block that get adapters, a comma list of " + ",".join(LORA_MODULES))
+    return p

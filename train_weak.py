@@ -168,7 +168,7 @@ def main(args):
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train_policy.add_training_args(p)
+    runs.add_training_args(p)
     p.set_defaults(objective="bt", lr=1e-5)
     p.add_argument("--labeled-fraction", type=float, default=0.3,
                    help="share of the (non-held-out) pairs whose human label is used")
