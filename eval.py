@@ -110,4 +110,4 @@ def parse_args(argv=None):
     return args
 
 if __name__ == "__main__":
-    runs.run_script(main, parse_args())
+    runs.run_script(main, parse_args(), standalone=True)

@@ -22,17 +22,30 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import cwpo
 
-def run_script(main, args):
+def run_script(main, args, standalone=False):
     """main(args), with bad input (a missing or unreadable file, a malformed record, a bad value, a loss that
     is no longer finite) reported as one line naming the file, line, key or step: no traceback. An --out that
-    the run made and left empty is removed."""
+    the run made and left empty is removed. standalone (a script's __main__): the process then ends at once
+    with its exit status, skipping the interpreter's teardown, where pyarrow's threads beside torch's could
+    abort it ("terminate called without an active exception", exit 134) after a clean run or its one line."""
     out = getattr(args, "out", None)
     made = bool(out) and not os.path.exists(out)
+    status = 0
     try:
         report_errors(main, args)
+    except SystemExit as e:
+        if not standalone:
+            raise
+        status = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
     finally:
         if made and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)
+    if standalone:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 def report_errors(main, args):
     """main(args), its errors as one line (run_script)."""

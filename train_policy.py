@@ -289,4 +289,4 @@ def parser():
     return p
 
 if __name__ == "__main__":
-    runs.run_script(main, parser().parse_args())
+    runs.run_script(main, parser().parse_args(), standalone=True)
