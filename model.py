@@ -174,7 +174,7 @@ class RMSNorm(nn.Module):
         return RMSNormFunction.apply(x, self.weight, self.eps)
 
 def make_norm(cfg):
-    """LayerNorm with bias (GPT-2, OPT) or RMSNorm (Llama, Qwen2)."""
+    """LayerNorm with bias (GPT-2, OPT) or RMSNorm (the RoPE families)."""
     if cfg.rope:
         return RMSNorm(cfg.d_model, cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -262,7 +262,7 @@ class SwiGLU(torch.autograd.Function):
         return dg, dy * F.silu(g)
 
 class MLP(nn.Module):
-    """SwiGLU down(act(gate(x)) * up(x)) for Llama / Qwen2, down(act(up(x))) for GPT-2 / OPT."""
+    """SwiGLU down(act(gate(x)) * up(x)) for the RoPE families, down(act(up(x))) for GPT-2 / OPT."""
 
     def __init__(self, cfg):
         super().__init__()
