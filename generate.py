@@ -8,8 +8,6 @@ import functools
 
 import torch
 
-from model import rope_cos_sin, rotate
-
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=1.0, generator=None,
              compiled=False):
@@ -91,54 +89,12 @@ def next_token(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 def decode_step(model, tokens, pos, cache, span=None):
-    """One token a row through model.GPT: tokens [B] at positions pos [B] -> logits [B, V]. Writes each row's
-    keys / values at its position in the cache and attends over the row's first `span` keys (None: all), those
-    past pos masked out."""
-    cfg = model.config
-    x = model.project_in(model.wte(tokens[:, None]))  # [B, 1, d]
-    if model.wpe is not None:  # OPT stores max_pos + 2 learned positions and skips the first two
-        x = x + model.wpe(pos[:, None] + (2 if cfg.model_type == "opt" else 0))
-
-    rope = rope_cos_sin(cfg, pos[:, None], x.dtype) if cfg.rope else None  # cos, sin [B, 1, 1, hd]
+    """One token a row through model.GPT: tokens [B] at positions pos [B] -> logits [B, V]. The
+    model writes each row's keys / values at its position and attends over the row's first `span`
+    keys of the cache (None: all), those past pos masked out."""
     length = span or cache[0][0].shape[2]
-    hidden = torch.arange(length, device=pos.device) > pos[:, None]  # [B, L] keys not yet written
-    bias = torch.zeros(hidden.shape, dtype=torch.float32, device=pos.device).masked_fill(hidden, float("-inf"))
-    bias = bias[:, None, None]  # [B, 1, 1, L]
-
-    for block, (k_cache, v_cache) in zip(model.h, cache):
-        def attention(h):
-            return attend(block.attn, h, rope, bias, k_cache[:, :, :length], v_cache[:, :, :length], pos)
-
-        if block.pre_norm:
-            x = x + attention(block.ln_1(x))
-            x = x + block.mlp(block.ln_2(x))
-        else:
-            x = block.ln_1(x + attention(x))
-            x = block.ln_2(x + block.mlp(x))
-
-    return model.lm_head(model.project_out(model.ln_f(x)))[:, 0]  # [B, V]
-
-def attend(attn, x, rope, bias, k_cache, v_cache, pos):
-    """model.Attention for one query a row: softmax(q K^T / sqrt(hd) + bias) V over the row's cache, the
-    softmax in fp32, grouped-query heads as [B, kv heads, group, hd]."""
-    c = attn.cfg
-    B, group = x.shape[0], c.n_head // c.n_kv_head
-    q, k, v = attn.qkv(x).split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], -1)
-    q = q.view(B, c.n_head, 1, c.head_dim)  # [B, H, 1, hd]
-    k = k.view(B, c.n_kv_head, 1, c.head_dim)
-    if attn.q_norm is not None:  # Qwen3: each head's q and k RMS-normed before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if rope is not None:
-        q, k = rotate(q, *rope), rotate(k, *rope)
-
-    rows = torch.arange(B, device=pos.device)
-    k_cache[rows, :, pos] = k[:, :, 0]  # [B, kv, hd] at each row's position
-    v_cache[rows, :, pos] = v.view(B, c.n_kv_head, c.head_dim)
-
-    q = q.view(B, c.n_kv_head, group, c.head_dim)  # query head h uses key head h // group
-    scores = (q @ k_cache.transpose(-1, -2)).float() * c.head_dim ** -0.5 + bias  # [B, kv, group, L]
-    y = torch.softmax(scores, dim=-1).to(v_cache.dtype) @ v_cache  # [B, kv, group, hd]
-    return attn.o(y.reshape(B, 1, c.n_head * c.head_dim))
+    view = [(k[:, :, :length], v[:, :, :length]) for k, v in cache]  # views: writes reach the cache
+    return model(tokens[:, None], cache=view, start=pos[:, None])[:, 0]  # [B, V]
 
 @functools.cache
 def compiled_decode_step():

@@ -199,7 +199,8 @@ def compiled_flex_attention():
 
 class Attention(nn.Module):
     """Causal self-attention: fused q|k|v, grouped-query heads, RoPE (rope families), Qwen3's
-    per-head q / k RMSNorm before RoPE (modeling_qwen3.Qwen3Attention), an optional KV cache."""
+    per-head q / k RMSNorm before RoPE (modeling_qwen3.Qwen3Attention), an optional KV cache
+    written at each token's position pos [B, T]."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -211,7 +212,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, rope, mask, cache, start):
+    def forward(self, x, rope, mask, cache, pos):
         B, T, _ = x.shape
         c = self.cfg
         gqa = c.n_kv_head != c.n_head
@@ -226,11 +227,11 @@ class Attention(nn.Module):
             # q and k become new tensors: a copy of v lets autograd keep v alone, not all of qkv
             q, k, v = rotate(q, *rope), rotate(k, *rope), v.contiguous()
 
-        if cache is not None:  # write this step's keys / values, attend over everything so far
-            cache[0][:, :, start:start + T] = k
-            cache[1][:, :, start:start + T] = v
-            k = cache[0][:, :, :start + T]  # [B, Hkv, start + T, hd]
-            v = cache[1][:, :, :start + T]
+        if cache is not None:  # write each token at its position, attend over the cache (mask)
+            rows = torch.arange(B, device=x.device)[:, None]
+            cache[0][rows, :, pos] = k.transpose(1, 2)  # [B, T, Hkv, hd] into [B, Hkv, L, hd]
+            cache[1][rows, :, pos] = v.transpose(1, 2)
+            k, v = cache
 
         if isinstance(mask, BlockMask):  # CUDA, packed row: FlexAttention skips masked-out blocks
             y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
@@ -291,11 +292,11 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache=None, start=0):
+    def forward(self, x, rope, mask, cache=None, pos=None):
         if self.pre_norm:
-            x = x + self.attn(self.ln_1(x), rope, mask, cache, start)
+            x = x + self.attn(self.ln_1(x), rope, mask, cache, pos)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, rope, mask, cache, start))
+        x = self.ln_1(x + self.attn(x, rope, mask, cache, pos))
         return self.ln_2(x + self.mlp(x))
 
 # ----------------------------------------------------------------------------------- The decoder
@@ -339,18 +340,21 @@ class GPT(nn.Module):
                 layout=None):
         """input_ids [B, T] -> logits [B, T, V], or final hidden states [B, T, d'] with return_hidden.
 
-        attention_mask [B, start + T] (1 = real token) allows left or right padding; with a KV cache
-        (see generate, which passes a mask), `start` counts the positions already cached. layout: a
-        batch of data.collate (position_ids, segment_ids, branch_ids), the packed row instead of
-        attention_mask.
+        attention_mask [B, T] (1 = real token) allows left or right padding. cache: per block the
+        keys / values [B, Hkv, L, hd] that generate.py keeps; the tokens go to positions start + t
+        (start an int, or [B, 1] one per row) and attend to the cache up to their own. layout: a
+        batch of data.collate (position_ids, segment_ids, branch_ids), the packed row.
         """
         device_type = input_ids.device.type  # masks and RoPE in the dtype q and k have: no casts
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else self.wte.weight.dtype
         if layout is not None:
             pos, mask = self.packed_mask(input_ids, layout, dtype)
+        elif cache is not None:
+            pos = (start + torch.arange(input_ids.shape[1], device=input_ids.device)).expand_as(input_ids)
+            mask = (torch.arange(cache[0][0].shape[2], device=pos.device) <= pos[..., None])[:, None]
         else:
-            pos, mask = self.padded_mask(input_ids, attention_mask, start)
+            pos, mask = self.padded_mask(input_ids, attention_mask)
         rope = rope_cos_sin(self.config, pos, dtype) if self.config.rope else None
 
         x = self.project_in(self.wte(input_ids))  # [B, T, d]
@@ -361,7 +365,7 @@ class GPT(nn.Module):
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
-                x = block(x, rope, mask, None if cache is None else cache[i], start)
+                x = block(x, rope, mask, None if cache is None else cache[i], pos)
 
         x = self.project_out(self.ln_f(x))  # [B, T, d']
         return x if return_hidden else self.lm_head(x)
@@ -385,22 +389,19 @@ class GPT(nn.Module):
         mask = [torch.where(rule(0, None, s[:, None], s), 0.0, float("-inf")).to(dtype) for s in spans]
         return layout["position_ids"], mask
 
-    def padded_mask(self, input_ids, attention_mask, start):
+    def padded_mask(self, input_ids, attention_mask):
         """-> (positions [B, T], mask): None (causal) without attention_mask, else a bool
-        [B, 1, T, start + T]. Positions count real tokens only, so a left-padded prompt sees the
-        positions of an unpadded one; a pad query attends to itself (no mask row is empty)."""
+        [B, 1, T, T]. Positions count real tokens only, so a left-padded prompt sees the positions of
+        an unpadded one; a pad query attends to itself (no mask row is empty)."""
         B, T = input_ids.shape
-        device = input_ids.device
-        if attention_mask is None:  # causal, no cache (generate passes a mask)
-            return torch.arange(T, device=device).expand(B, T), None
+        if attention_mask is None:
+            return torch.arange(T, device=input_ids.device).expand(B, T), None
 
-        real = attention_mask.bool()  # [B, start + T]
-        pos = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # [B, T]
-        causal = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start)
-        queries = torch.arange(start, start + T, device=device)[:, None]
-        diagonal = torch.arange(start + T, device=device) == queries  # [T, start + T]
-        mask = (causal & real[:, None, :]) | diagonal  # [B, T, start + T]
-        return pos, mask[:, None]
+        real = attention_mask.bool()  # [B, T]
+        pos = (real.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        mask = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+        return pos, mask[:, None]  # [B, 1, T, T]
 
 def rope_inv_freq(cfg, device):
     """-> (inverse frequencies [hd / 2], attention factor) as transformers' modeling_rope_utils.
