@@ -71,11 +71,16 @@ def main(args):
           f"{max(map(len, prompts))}), batches of {args.batch_size}, {args.max_new_tokens} new tokens, greedy; "
           f"{args.threads} threads; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
-    variants, reference = {}, {}
-    for name in args.dtype:
-        dtype = getattr(torch, name)
-        if dtype == torch.bfloat16 and not runs.cpu_has_bf16():
+    dtypes = args.dtype or ["float32", "bfloat16"]
+    if "bfloat16" in dtypes and not runs.cpu_has_bf16():
+        if args.dtype:
             raise SystemExit("error: --dtype bfloat16 needs a CPU with native bf16 (AVX512-BF16 or AMX)")
+        dtypes = ["float32"]
+        print("  bfloat16 left out: this CPU has no native bf16 (AVX512-BF16 or AMX)", flush=True)
+
+    variants, reference = {}, {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
         mine = load_model(args.model, dtype=dtype).eval()
         hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
         start = time.perf_counter()
@@ -105,7 +110,7 @@ def main(args):
     for name, r in rates.items():
         print(f"{name:<26} | {' '.join(f'{x:.1f}' for x in r):<28} | {statistics.median(r):>7.1f}")
     print()
-    for name in args.dtype:
+    for name in dtypes:
         for label in (f"ours {name}", f"ours {name} compiled"):
             ratios = [a / b for a, b in zip(rates[label], rates[f"transformers {name}"])]
             print(f"{label} / transformers {name}: {statistics.median(ratios):.2f}x (by round "
@@ -121,7 +126,8 @@ if __name__ == "__main__":
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"),
+                   help="default: both where the CPU has native bf16, else float32 with one line saying so")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

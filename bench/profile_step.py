@@ -37,6 +37,9 @@ def main(args):
     import formats
     from formats import load_tokenizer
     from model import GPT, Config
+    from runs import cpu_has_bf16
+    if args.bf16 and not cpu_has_bf16():
+        raise SystemExit("error: --bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX)")
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.tokenizer)
