@@ -27,9 +27,9 @@ import runs
 import world
 from cwpo import win_rate
 from generate import generate_answers
-from model import config_from_hf, load_model, read_json
+from model import config_from_hf, load_model
 from formats import load_tokenizer
-from runs import check_fits
+from runs import check_fits, read_json
 
 def generate_records(args, device, score):
     """The --prompts file's first --eval-prompts distinct prompts, each with --samples answers of

@@ -19,7 +19,7 @@ from datetime import datetime
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from model import read_json
+from runs import read_json
 
 ASSISTANT = "\n\nAssistant:"
 

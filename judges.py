@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 import data
-from model import HF_NAMES, load_model, read_json
+from model import HF_NAMES, load_model
 from formats import load_tokenizer
-from runs import check_fits
-from runs import atomic_write
+from runs import atomic_write, check_fits, read_json
 
 SETTINGS = ("policy", "sft", "prompts", "format", "judge", "answers", "eval_prompts", "max_prompt_len",
             "max_new_tokens", "temperature", "top_p", "samples", "seed", "chat_template")

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from runs import atomic_write, check_config
+from runs import atomic_write, check_config, clear_checkpoint, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = {
@@ -151,7 +151,10 @@ class RMSNormFunction(torch.autograd.Function):
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        y = weight * (x32 * rstd).to(x.dtype)
+        if torch.is_autocast_enabled(x.device.type):  # cast once here, not by each GEMM that reads y
+            return y.to(torch.get_autocast_dtype(x.device.type))
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -247,20 +250,29 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.q_size)  # [B, T, H * hd]
         return self.o(y)
 
-class SwiGLU(torch.autograd.Function):
-    """y = silu(g) u; dg = dy u s (1 + g (1 - s)) with s = sigmoid(g), du = dy silu(g).
-    Saves g and u only (autograd would keep silu(g) as well), recomputing silu(g) in backward."""
+class SwiGLUDown(torch.autograd.Function):
+    """y = h W^T + b with h = silu(g) u; dh = dy W, dg = dh u s (1 + g (1 - s)) with s = sigmoid(g),
+    du = dh silu(g), dW = dy^T h, db = sum(dy). Saves g, u and W only: h [N, f] is recomputed in
+    backward, and W is cast to h's dtype in each pass (autocast's bf16 copy is not kept)."""
 
     @staticmethod
-    def forward(ctx, g, u):
-        ctx.save_for_backward(g, u)
-        return F.silu(g) * u
+    def forward(ctx, g, u, weight, bias):
+        ctx.save_for_backward(g, u, weight)
+        ctx.has_bias = bias is not None
+        h = F.silu(g) * u  # [..., f]
+        return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
 
     @staticmethod
     def backward(ctx, dy):
-        g, u = ctx.saved_tensors
-        dg = torch.ops.aten.silu_backward(dy * u, g)  # aten's fused silu' (2x faster)
-        return dg, dy * F.silu(g)
+        g, u, weight = ctx.saved_tensors
+        silu_g = F.silu(g)
+        dh = dy @ weight.to(dy.dtype)  # [..., f]
+        dg = torch.ops.aten.silu_backward(dh * u, g)  # aten's fused silu' (2x faster)
+
+        dy_2d = dy.flatten(0, -2)  # [N, d]
+        dw = dy_2d.T @ (silu_g * u).flatten(0, -2)  # [d, f]
+        db = dy_2d.sum(0) if ctx.has_bias else None
+        return dg, dh * silu_g, dw.to(weight.dtype), db
 
 class MLP(nn.Module):
     """SwiGLU down(act(gate(x)) * up(x)) for the RoPE families, down(act(up(x))) for GPT-2 / OPT."""
@@ -277,8 +289,8 @@ class MLP(nn.Module):
         up = self.up(x)
         if self.gate is None:
             return self.down(self.act(up))
-        if self.act is F.silu:
-            return self.down(SwiGLU.apply(self.gate(x), up))
+        if self.act is F.silu and type(self.down) is nn.Linear:  # LoRA's down: the module path
+            return SwiGLUDown.apply(self.gate(x), up, self.down.weight, self.down.bias)
         return self.down(self.act(self.gate(x)) * up)
 
 class Block(nn.Module):
@@ -553,14 +565,6 @@ def read_safetensors(path):
             where[short] = (file, key)
     return where
 
-def read_json(path):
-    """A JSON file's content; malformed JSON raises a ValueError that names the file."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-
 def load_model(path, dtype=None, device="cpu", reward=False, trained_head=False):
     """Load a local HF checkpoint folder as a GPT (or, with reward=True, a RewardModel).
 
@@ -653,16 +657,7 @@ def save_model(model, path, whole=None):
     if reward:
         hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
 
-    os.makedirs(path, exist_ok=True)
-    config_file = os.path.join(path, "config.json")
-    if os.path.exists(config_file):
-        os.remove(config_file)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):  # read before model.safetensors: it goes, with its shards
-        shards = {os.path.basename(f) for f in read_json(index).get("weight_map", {}).values()}
-        os.remove(index)
-        for shard in shards & set(os.listdir(path)):
-            os.remove(os.path.join(path, shard))
+    config_file = clear_checkpoint(path)
     atomic_write(os.path.join(path, "model.safetensors"),
                  lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     atomic_write(config_file, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(hf, indent=2)))

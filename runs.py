@@ -105,6 +105,21 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+def clear_checkpoint(path):
+    """Before a save into the folder `path`: remove its config.json (written last, so that a folder with one holds a
+    whole model) and an earlier sharded save (its index and shards). -> config.json's path."""
+    os.makedirs(path, exist_ok=True)
+    config_file = os.path.join(path, "config.json")
+    if os.path.exists(config_file):
+        os.remove(config_file)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):  # read before model.safetensors: it goes, with its shards
+        shards = {os.path.basename(f) for f in read_json(index).get("weight_map", {}).values()}
+        os.remove(index)
+        for shard in shards & set(os.listdir(path)):
+            os.remove(os.path.join(path, shard))
+    return config_file
+
 def claim(out, outputs, args):
     """A run owns its folder: without --resume, an earlier run's checkpoints or outputs in OUT stop the run, or
     are removed first with --overwrite, so that no file of two runs ends up side by side. With --resume, OUT
@@ -313,7 +328,8 @@ def memory_estimate(cfg, args, world_size=1, device=torch.device("cpu"), reward=
     Activations of the t = pairs (P + 2A) tokens of a micro-batch (P + A for SFT), s bytes each (2 under bf16): per
     token a block saves its norms' inputs, statistics and outputs 4d + 4 - 2r (r = 1: RMSNorm, RoPE, SwiGLU), for
     attention q, k, v, the output, its copy for o and the logsumexp 3q + 2kv + H, Qwen3's q / k norms their input (the
-    q|k|v output) and statistics q + 2kv + H + Hkv, and the MLP's (2 + r - [relu]) f; q / k norms: 2 hd parameters;
+    q|k|v output) and statistics q + 2kv + H + Hkv, and the MLP's: SwiGLU's g and u 2f (3f with down's input where LoRA
+    wraps down), GELU's input and output 2f, ReLU's output f; q / k norms: 2 hd parameters;
     checkpointed, a block keeps only its input d, and one block is recomputed at a time. The fused LM head holds
     min(N, 256) V fp32 logits."""
     d, q, kv, f, r = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.d_ff, cfg.rope
@@ -329,7 +345,9 @@ def memory_estimate(cfg, args, world_size=1, device=torch.device("cpu"), reward=
                                 if m in args.lora_modules.split(",") and o) if args.lora_rank else total
     pairs = math.ceil(math.ceil(args.batch_size / world_size) / args.grad_accum)  # train's micro-batch
     length = args.max_prompt_len + (1 if args.objective == "sft" else 2) * args.max_answer_len
-    saved = 4 * d + 4 - 2 * r + 3 * q + 2 * kv + cfg.n_head + (2 + r - (cfg.act == "relu")) * f  # a block, a token
+    fused = cfg.act == "silu" and r and not (args.lora_rank and "down" in args.lora_modules.split(","))
+    mlp = 2 if fused else 2 + r - (cfg.act == "relu")  # f's a token: SwiGLUDown recomputes down's input
+    saved = 4 * d + 4 - 2 * r + 3 * q + 2 * kv + cfg.n_head + mlp * f  # a block, a token
     saved += (q + 2 * kv + cfg.n_head + cfg.n_kv_head) * cfg.qk_norm
     size = 2 if bf16_enabled(args.bf16, device) or args.lora_rank and device.type == "cuda" else 4
     kept = size * (d * cfg.n_layer + saved if args.grad_checkpointing else saved * cfg.n_layer)  # per token
@@ -361,6 +379,14 @@ def check_loss(args):
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"--loss {args.loss} --loss-options {json.dumps(args.loss_options)}: {e}") from None
 
+
+def read_json(path):
+    """A JSON file's content; malformed JSON raises a ValueError that names the file."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 def write_jsonl(path, records):
     """records as JSON lines, atomically (atomic_write)."""

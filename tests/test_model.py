@@ -300,14 +300,52 @@ def test_gradient_checkpointing_gives_the_same_gradients(pair):
 
 
 def test_hand_written_backward_passes_match_numerical_gradients():
-    """model.RMSNormFunction and model.SwiGLU save less than autograd would and write their own backward: checked
-    against finite differences in fp64 (catches a dropped mean term, a wrong sigmoid derivative, swapped inputs)."""
-    from model import RMSNormFunction, SwiGLU
+    """model.RMSNormFunction and model.SwiGLUDown save less than autograd would and write their own backward:
+    checked against finite differences in fp64 (catches a dropped mean term, a wrong sigmoid derivative, swapped
+    inputs, a transposed or unsummed weight gradient, a bias gradient lost)."""
+    from model import RMSNormFunction, SwiGLUDown
     gen = torch.Generator().manual_seed(0)
-    x, w, g, u = (torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_()
-                  for shape in ((2, 3, 8), (8,), (2, 3, 8), (2, 3, 8)))
+    x, w, g, u, down, bias = (torch.randn(*shape, dtype=torch.float64, generator=gen).requires_grad_()
+                              for shape in ((2, 3, 8), (8,), (2, 3, 8), (2, 3, 8), (5, 8), (5,)))
     assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), (x, w))
-    assert torch.autograd.gradcheck(SwiGLU.apply, (g, u))
+    assert torch.autograd.gradcheck(SwiGLUDown.apply, (g, u, down, bias))
+    assert torch.autograd.gradcheck(lambda g, u, down: SwiGLUDown.apply(g, u, down, None), (g, u, down))
+
+
+def test_mlp_under_autocast_keeps_no_bf16_copy_of_down_and_one_of_its_input():
+    """Under bf16 autocast the SwiGLU MLP saves for backward g and u in bf16 and the fp32 weights (no bf16 copy of
+    down's weight, no down input h), and the norm before it hands gate and up one bf16 tensor, not a copy each;
+    values and gradients as the unfused module path within bf16's rounding. Bugs: h or a bf16 copy of down's
+    weight saved again, the norm's output left fp32 (a bf16 copy kept for gate and one for up)."""
+    import torch.nn.functional as F
+    from model import MLP, RMSNorm, config_from_hf
+    cfg = config_from_hf(CONFIGS["llama-gqa"]().to_dict())
+    torch.manual_seed(0)
+    norm, mlp = RMSNorm(32, 1e-6), MLP(cfg)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mlp(norm(x))
+    params = {p.untyped_storage().data_ptr() for p in [*norm.parameters(), *mlp.parameters()]}
+    kept = {(t.untyped_storage().data_ptr(), tuple(t.shape), t.dtype) for t in saved}
+    activations = sorted((shape, str(dtype)) for ptr, shape, dtype in kept if ptr not in params)
+    assert activations == [((2, 5, 1), "torch.float32"), ((2, 5, 32), "torch.float32"),  # the norm: x, 1 / rms
+                           ((2, 5, 64), "torch.bfloat16"), ((2, 5, 64), "torch.bfloat16"),  # g, u
+                           ((10, 32), "torch.bfloat16"),  # gate's and up's input, once
+                           ((32, 64), "torch.bfloat16"), ((32, 64), "torch.bfloat16")]  # gate, up weights
+    y.sum().backward()
+    grads = [x.grad, *(p.grad for p in mlp.parameters())]
+
+    x_ref = x.detach().clone().requires_grad_()
+    mlp.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = norm(x_ref)
+        y_ref = mlp.down(F.silu(mlp.gate(h)) * mlp.up(h))
+    y_ref.sum().backward()
+    assert torch.allclose(y.float(), y_ref.float(), atol=1e-2, rtol=1e-2)
+    for a, b in zip(grads, [x_ref.grad, *(p.grad for p in mlp.parameters())]):
+        assert a.dtype == b.dtype == torch.float32 and torch.allclose(a, b, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
