@@ -253,26 +253,27 @@ class Attention(nn.Module):
 class SwiGLUDown(torch.autograd.Function):
     """y = h W^T + b with h = silu(g) u; dh = dy W, dg = dh u s (1 + g (1 - s)) with s = sigmoid(g),
     du = dh silu(g), dW = dy^T h, db = sum(dy). Saves g, u and W only: h [N, f] is recomputed in
-    backward, and W is cast to h's dtype in each pass (autocast's bf16 copy is not kept)."""
+    backward, and W is cast to h's dtype in each pass (autocast's bf16 copy is not kept).
+      g, u [..., f] the gate's and up's outputs, weight [d, f], bias [d] or None -> y [..., d]"""
 
     @staticmethod
     def forward(ctx, g, u, weight, bias):
         ctx.save_for_backward(g, u, weight)
-        ctx.has_bias = bias is not None
         h = F.silu(g) * u  # [..., f]
         return F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
 
     @staticmethod
     def backward(ctx, dy):
         g, u, weight = ctx.saved_tensors
+        need_weight, need_bias = ctx.needs_input_grad[2:]  # a frozen down (LoRA elsewhere): no dW
         silu_g = F.silu(g)
         dh = dy @ weight.to(dy.dtype)  # [..., f]
         dg = torch.ops.aten.silu_backward(dh * u, g)  # aten's fused silu' (2x faster)
 
         dy_2d = dy.flatten(0, -2)  # [N, d]
-        dw = dy_2d.T @ (silu_g * u).flatten(0, -2)  # [d, f]
-        db = dy_2d.sum(0) if ctx.has_bias else None
-        return dg, dh * silu_g, dw.to(weight.dtype), db
+        dw = (dy_2d.T @ (silu_g * u).flatten(0, -2)).to(weight.dtype) if need_weight else None
+        db = dy_2d.sum(0).to(weight.dtype) if need_bias else None  # [d]
+        return dg, dh * silu_g, dw, db  # dw [d, f]
 
 class MLP(nn.Module):
     """SwiGLU down(act(gate(x)) * up(x)) for the RoPE families, down(act(up(x))) for GPT-2 / OPT."""

@@ -4,6 +4,7 @@ runs.memory_estimate (issue 14), in three variants, each a fresh process (or two
     python bench/bench_memory.py                 # full, LoRA r 16 on all modules, FSDP2 over 2 gloo processes
     python bench/bench_memory.py --repeats 2 --steps 3 --seq 32
     python bench/bench_memory.py --table         # the README table: the paper's students on 80 GB GPUs
+    python bench/bench_memory.py --saved         # what one SmolLM2-135M block keeps for backward, fp32 / bf16
 
 The checkpoint: random weights (model.GPT.init_weights) in Qwen2.5-0.5B's config (494M parameters, tied
 embeddings, V = 151,936), saved with model.save_model and loaded by train_policy.py as any checkpoint; a small
@@ -155,9 +156,46 @@ def table():
     print("fits: at most 75 GB of the 80, leaving 5 GB for the CUDA context and the caching allocator's slack")
 
 
+SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=1, num_attention_heads=9,
+                    num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192, hidden_act="silu",
+                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+
+
+def saved(spans=4, span=128):
+    """The tensors one block of SmolLM2-135M's shape keeps for backward (saved-tensor hooks, each storage once), in
+    fp32 and under CPU bf16 autocast, on a packed row of `spans` causal spans of `span` tokens (the CPU layout: one
+    mask a span). Activations in bytes a token; the casts of weights that autograd keeps (autocast's bf16 copies) in
+    bytes a block, apart. Counted, not timed: a CPU without bf16 runs it too (slowly)."""
+    import torch
+    import model
+    cfg = model.config_from_hf(SMOLLM2_135M)
+    block, tokens = model.Block(cfg), spans * span
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    weight_shapes = {tuple(p.shape) for p in block.parameters() if p.dim() == 2}
+    pos = torch.arange(span).repeat(spans)[None]  # [1, T]
+    for dtype in (torch.float32, torch.bfloat16):
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.untyped_storage().nbytes())
+            return t
+        mask = [torch.full((span, span), float("-inf")).triu(1).to(dtype)] * spans  # one tensor, counted once
+        x = torch.randn(1, tokens, cfg.d_model, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                block(x, model.rope_cos_sin(cfg, pos, dtype), mask)
+        weights = sum(n for shape, n in kept.values() if shape in weight_shapes)
+        acts = sum(n for shape, n in kept.values()) - weights
+        print(f"{str(dtype):15} activations {acts / tokens:8.0f} B a token, weight copies {weights / 2**20:6.2f} MiB "
+              f"a block ({len(kept)} tensors)")
+
+
 def main(args):
     if args.table:
         return table()
+    if args.saved:
+        return saved()
     import runs
     import train_policy
     from model import config_from_hf
@@ -205,4 +243,5 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=count, default=1)
     p.add_argument("--only", default="full,lora,fsdp2", help="a comma list of the variants to run")
     p.add_argument("--table", action="store_true", help="print the README table of the paper's students and stop")
+    p.add_argument("--saved", action="store_true", help="print what one SmolLM2-135M block saves for backward and stop")
     main(p.parse_args())

@@ -310,6 +310,7 @@ def test_hand_written_backward_passes_match_numerical_gradients():
     assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), (x, w))
     assert torch.autograd.gradcheck(SwiGLUDown.apply, (g, u, down, bias))
     assert torch.autograd.gradcheck(lambda g, u, down: SwiGLUDown.apply(g, u, down, None), (g, u, down))
+    assert torch.autograd.gradcheck(lambda g, u: SwiGLUDown.apply(g, u, down.detach(), None), (g, u))  # frozen
 
 
 def test_mlp_under_autocast_keeps_no_bf16_copy_of_down_and_one_of_its_input():
