@@ -183,7 +183,7 @@ def make_norm(cfg):
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
 def rotate(x, cos, sin):
-    """Rotate-half RoPE; x [B, H, T, hd], cos / sin [B, 1, T, hd]."""
+    """Rotate-half RoPE; x [B, T, H, hd], cos / sin [B, T, 1, hd]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -221,14 +221,17 @@ class Attention(nn.Module):
         gqa = c.n_kv_head != c.n_head
 
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)     # [B, H, T, hd]
-        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        q = q.view(B, T, c.n_head, c.head_dim)     # [B, T, H, hd]
+        k = k.view(B, T, c.n_kv_head, c.head_dim)  # [B, T, Hkv, hd]
+        v = v.view(B, T, c.n_kv_head, c.head_dim)  # [B, T, Hkv, hd]
         if self.q_norm is not None:  # over each head's hd features
-            q, k = self.q_norm(q), self.k_norm(k)  # [B, H, T, hd], [B, Hkv, T, hd]
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             # q and k become new tensors: a copy of v lets autograd keep v alone, not all of qkv
             q, k, v = rotate(q, *rope), rotate(k, *rope), v.contiguous()
+        # heads second, tokens still outer in memory: SDPA's CPU kernel writes y so, and y's
+        # [B, T, H * hd] for o is then a view of what SDPA keeps, not a copy
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, hd]
 
         if cache is not None:  # write each token at its position, attend over the cache (mask)
             rows = torch.arange(B, device=x.device)[:, None]
@@ -238,11 +241,12 @@ class Attention(nn.Module):
 
         if isinstance(mask, BlockMask):  # CUDA, packed row: FlexAttention skips masked-out blocks
             y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
-        elif isinstance(mask, list):  # CPU, packed row: each example's span apart
+        elif isinstance(mask, list):  # CPU, packed row: each example's span apart, o on each span
             sizes = [m.shape[0] for m in mask]  # split, not slices: backward is one concatenation
             spans = zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2), mask)
-            y = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, enable_gqa=gqa)
-                           for qs, ks, vs, m in spans], 2)  # [B, H, T, hd]
+            ys = [F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m, enable_gqa=gqa)
+                  for qs, ks, vs, m in spans]  # [B, H, L, hd] each
+            return torch.cat([self.o(y.transpose(1, 2).flatten(2)) for y in ys], 1)  # [B, T, d]
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=gqa)  # [B, H, T, hd]
@@ -458,10 +462,10 @@ def rope_inv_freq(cfg, device):
 
 def rope_cos_sin(cfg, pos, dtype):
     """RoPE's tables for positions pos [B, T]: angles pos * f_i (rope_inv_freq), each frequency
-    twice (rotate-half), times the attention factor -> (cos, sin), each [B, 1, T, hd]."""
+    twice (rotate-half), times the attention factor -> (cos, sin), each [B, T, 1, hd]."""
     inv_freq, scale = rope_inv_freq(cfg, pos.device)  # [hd / 2]
     angles = pos[:, :, None].float() * inv_freq  # [B, T, hd / 2]
-    angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, T, hd]
+    angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # [B, T, 1, hd]
     return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 class RewardModel(nn.Module):

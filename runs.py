@@ -327,7 +327,7 @@ def memory_estimate(cfg, args, world_size=1, device=torch.device("cpu"), reward=
     parameter; LoRA: the root's and a block's weights); --grad-accum > 1 keeps gradients whole.
     Activations of the t = pairs (P + 2A) tokens of a micro-batch (P + A for SFT), s bytes each (2 under bf16): per
     token a block saves its norms' inputs, statistics and outputs 4d + 4 - 2r (r = 1: RMSNorm, RoPE, SwiGLU), for
-    attention q, k, v, the output, its copy for o and the logsumexp 3q + 2kv + H, Qwen3's q / k norms their input (the
+    attention q, k, v, the output (o reads a view of it) and the logsumexp 2q + 2kv + H, Qwen3's q / k norms their input (the
     q|k|v output) and statistics q + 2kv + H + Hkv, and the MLP's: SwiGLU's g and u 2f (3f with down's input where LoRA
     wraps down), GELU's input and output 2f, ReLU's output f; q / k norms: 2 hd parameters;
     checkpointed, a block keeps only its input d, and one block is recomputed at a time. The fused LM head holds
@@ -347,7 +347,7 @@ def memory_estimate(cfg, args, world_size=1, device=torch.device("cpu"), reward=
     length = args.max_prompt_len + (1 if args.objective == "sft" else 2) * args.max_answer_len
     fused = cfg.act == "silu" and r and not (args.lora_rank and "down" in args.lora_modules.split(","))
     mlp = 2 if fused else 2 + r - (cfg.act == "relu")  # f's a token: SwiGLUDown recomputes down's input
-    saved = 4 * d + 4 - 2 * r + 3 * q + 2 * kv + cfg.n_head + mlp * f  # a block, a token
+    saved = 4 * d + 4 - 2 * r + 2 * q + 2 * kv + cfg.n_head + mlp * f  # a block, a token
     saved += (q + 2 * kv + cfg.n_head + cfg.n_kv_head) * cfg.qk_norm
     size = 2 if bf16_enabled(args.bf16, device) or args.lora_rank and device.type == "cuda" else 4
     kept = size * (d * cfg.n_layer + saved if args.grad_checkpointing else saved * cfg.n_layer)  # per token
