@@ -229,8 +229,8 @@ class Attention(nn.Module):
         if rope is not None:
             # q and k become new tensors: a copy of v lets autograd keep v alone, not all of qkv
             q, k, v = rotate(q, *rope), rotate(k, *rope), v.contiguous()
-        # heads second, tokens still outer in memory: SDPA's CPU kernel writes y so, and y's
-        # [B, T, H * hd] for o is then a view of what SDPA keeps, not a copy
+        # heads second by a view: SDPA (CPU) and FlexAttention write y in q's stride order, so o
+        # reads y [B, T, H * hd] as a view of the output they keep for backward, not a copy
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, hd]
 
         if cache is not None:  # write each token at its position, attend over the cache (mask)
