@@ -469,6 +469,11 @@ def cpu_has_bf16():
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
+def require_cpu_bf16(flag):
+    """Refuse `flag` in one line on a CPU without native bf16, where a benchmark would time fp32 as bf16."""
+    if not cpu_has_bf16():
+        raise SystemExit(f"error: {flag} needs a CPU with native bf16 (AVX512-BF16 or AMX), which this one lacks")
+
 def bf16_enabled(flag, device):
     """--bf16 (True, False, or None: the device's default) -> whether to run bf16 autocast on `device`.
 

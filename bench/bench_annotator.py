@@ -67,11 +67,10 @@ def child(args):
 
 def main(args):
     sys.path.insert(0, REPO_ROOT)
-    from runs import cpu_has_bf16
+    from runs import require_cpu_bf16
     variants = {"before (" + args.old + ")": (args.old, []), "after (this checkout)": (REPO_ROOT, [])}
-    if args.dtypes and not cpu_has_bf16():  # the bf16 child would run fp32 under the bf16 label
-        raise SystemExit("error: --dtypes needs a CPU with native bf16 (AVX512-BF16 or AMX)")
     if args.dtypes:  # "before" is fp32, "after" bf16, both this checkout
+        require_cpu_bf16("--dtypes")
         variants = {"fp32": (REPO_ROOT, ["--_bf16", "0"]), "bf16": (REPO_ROOT, ["--_bf16", "1"])}
     results = {name: [] for name in variants}
     print(f"annotator {args.model}: scoring {args.score_pairs} HH pairs, {args.train_steps} BT steps, batch "

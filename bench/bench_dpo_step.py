@@ -676,9 +676,9 @@ def parse_args(argv=None):
     if args._child:  # a child runs one dtype
         args.dtype = args.dtype[0]
     elif "bfloat16" in args.dtype and not args.device.startswith("cuda"):
-        import torch
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            p.error("--dtype bfloat16 on CPU needs native bf16 (AVX512-BF16 or AMX), which this CPU lacks")
+        sys.path.insert(0, REPO_ROOT)
+        from runs import require_cpu_bf16
+        require_cpu_bf16("--dtype bfloat16")
     if args.data:  # one epoch of distinct batches
         args.steps = args.hh_pairs // args.pairs
         args.prompt_len, args.completion_len = args.max_prompt_len, args.max_answer_len  # for the model's max positions

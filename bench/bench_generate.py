@@ -72,9 +72,9 @@ def main(args):
           f"{args.threads} threads; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
     dtypes = args.dtype or ["float32", "bfloat16"]
+    if args.dtype and "bfloat16" in dtypes:
+        runs.require_cpu_bf16("--dtype bfloat16")
     if "bfloat16" in dtypes and not runs.cpu_has_bf16():
-        if args.dtype:
-            raise SystemExit("error: --dtype bfloat16 needs a CPU with native bf16 (AVX512-BF16 or AMX)")
         dtypes = ["float32"]
         print("  bfloat16 left out: this CPU has no native bf16 (AVX512-BF16 or AMX)", flush=True)
 

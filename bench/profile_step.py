@@ -37,9 +37,9 @@ def main(args):
     import formats
     from formats import load_tokenizer
     from model import GPT, Config
-    from runs import cpu_has_bf16
-    if args.bf16 and not cpu_has_bf16():
-        raise SystemExit("error: --bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX)")
+    from runs import require_cpu_bf16
+    if args.bf16:
+        require_cpu_bf16("--bf16")
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.tokenizer)

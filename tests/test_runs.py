@@ -37,6 +37,16 @@ def test_bf16_switch_defaults_and_the_one_line(monkeypatch, capsys):
     assert args.bf16 is None  # the device decides
 
 
+def test_benchmarks_refuse_bf16_in_one_line_on_a_cpu_without_it(monkeypatch):
+    """A bench's bf16 flag on a CPU without bf16 is refused, naming the flag: it would time fp32 as bf16."""
+    monkeypatch.setattr(runs, "cpu_has_bf16", lambda: True)
+    runs.require_cpu_bf16("--dtypes")
+
+    monkeypatch.setattr(runs, "cpu_has_bf16", lambda: False)
+    with pytest.raises(SystemExit, match=r"^error: --dtypes needs a CPU with native bf16"):
+        runs.require_cpu_bf16("--dtypes")
+
+
 @needs_bf16
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_bf16_autocast_logps_every_loss_and_gradient_close_to_fp32(family):
