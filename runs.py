@@ -327,11 +327,11 @@ def memory_estimate(cfg, args, world_size=1, device=torch.device("cpu"), reward=
     parameter; LoRA: the root's and a block's weights); --grad-accum > 1 keeps gradients whole.
     Activations of the t = pairs (P + 2A) tokens of a micro-batch (P + A for SFT), s bytes each (2 under bf16): per
     token a block saves its norms' inputs, statistics and outputs 4d + 4 - 2r (r = 1: RMSNorm, RoPE, SwiGLU), for
-    attention q, k, v, the output (o reads a view of it) and the logsumexp 2q + 2kv + H, Qwen3's q / k norms their input (the
-    q|k|v output) and statistics q + 2kv + H + Hkv, and the MLP's: SwiGLU's g and u 2f (3f with down's input where LoRA
-    wraps down), GELU's input and output 2f, ReLU's output f; q / k norms: 2 hd parameters;
-    checkpointed, a block keeps only its input d, and one block is recomputed at a time. The fused LM head holds
-    min(N, 256) V fp32 logits."""
+    attention q, k, v, the output (o reads a view of it) and the logsumexp 2q + 2kv + H, Qwen3's q / k norms
+    their input (the q|k|v output) and statistics q + 2kv + H + Hkv, and the MLP's: SwiGLU's g and u 2f (3f with
+    down's input where LoRA wraps down), GELU's input and output 2f, ReLU's output f; q / k norms: 2 hd
+    parameters; checkpointed, a block keeps only its input d, and one block is recomputed at a time. The fused LM
+    head holds min(N, 256) V fp32 logits."""
     d, q, kv, f, r = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.d_ff, cfg.rope
     e, norm = cfg.proj_dim or d, d * (2 - r)  # LayerNorm: + bias
     linears = {"qkv": (d, q + 2 * kv, cfg.qkv_bias), "o": (q, d, cfg.o_bias), "gate": (d, f * r, cfg.mlp_bias),
