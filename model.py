@@ -238,6 +238,8 @@ class Attention(nn.Module):
             cache[0][rows, :, pos] = k.transpose(1, 2)  # [B, T, Hkv, hd] into [B, Hkv, L, hd]
             cache[1][rows, :, pos] = v.transpose(1, 2)
             k, v = cache
+        if cache is not None and T == 1:  # decode: a KV head's query heads as its query rows (faster)
+            q = q.reshape(B, c.n_kv_head, -1, c.head_dim)  # [B, Hkv, H / Hkv, hd]
 
         if isinstance(mask, BlockMask):  # CUDA, packed row: FlexAttention skips masked-out blocks
             y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
@@ -251,7 +253,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=gqa)  # [B, H, T, hd]
 
-        y = y.transpose(1, 2).reshape(B, T, self.q_size)  # [B, T, H * hd]
+        y = y.view(B, c.n_head, T, c.head_dim).transpose(1, 2).reshape(B, T, self.q_size)  # [B, T, H * hd]
         return self.o(y)
 
 class SwiGLUDown(torch.autograd.Function):
