@@ -238,7 +238,7 @@ class Attention(nn.Module):
             cache[0][rows, :, pos] = k.transpose(1, 2)  # [B, T, Hkv, hd] into [B, Hkv, L, hd]
             cache[1][rows, :, pos] = v.transpose(1, 2)
             k, v = cache
-        if cache is not None and T == 1:  # decode: a KV head's query heads as its query rows (faster)
+        if cache is not None and T == 1:  # decode: a KV head's query heads as its rows, one cache pass
             q = q.reshape(B, c.n_kv_head, -1, c.head_dim)  # [B, Hkv, H / Hkv, hd]
 
         if isinstance(mask, BlockMask):  # CUDA, packed row: FlexAttention skips masked-out blocks
