@@ -17,11 +17,12 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, to
 
     The rows run sorted by prompt length (answers returned in the caller's order). Prefill runs them in groups
     of similar lengths, right-padded (at most PREFILL_PAD padded tokens per real one): each prompt's keys /
-    values land at the start of its row of the cache [B, kv heads, longest prompt + max_new_tokens, hd], and
-    a causal mask keeps its pads out of its sight. Token t of row b then goes to position len(prompt b) + t
-    (over the pads) and attends over its row, keys past its position masked out (decode_step). Eager, each
-    step attends over the cache up to the longest row's position; compiled=True attends over the whole cache,
-    so that one torch.compile'd graph (static shapes, gpt-fast's way) serves every step.
+    values land at the start of its row of the cache [B, kv heads, longest prompt + max_new_tokens, hd], the
+    group attends over its own width of the cache (not its whole length), and a causal mask keeps its pads
+    out of its sight. Token t of row b then goes to position len(prompt b) + t (over the pads) and attends over
+    its row, keys past its position masked out (decode_step). Eager, each step attends over the cache up to the
+    longest row's position; compiled=True attends over the whole cache, so that one torch.compile'd graph
+    (static shapes, gpt-fast's way) serves every step.
     """
     if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("generate: every prompt needs at least one token")
@@ -38,7 +39,7 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, to
     for a, b in prefill_groups([len(p) for p in prompts]):  # rows a .. b - 1, their own slice of the cache
         width = len(prompts[b - 1])
         ids = torch.tensor([p + [pad_id] * (width - len(p)) for p in prompts[a:b]], device=weight.device)  # [g, W]
-        rows = [(k[a:b], v[a:b]) for k, v in cache]
+        rows = [(k[a:b, :, :width], v[a:b, :, :width]) for k, v in cache]  # its width, not the cache's
         hidden = model(ids, cache=rows, start=0, return_hidden=True)  # [g, W, d]
         ends = torch.tensor([len(p) - 1 for p in prompts[a:b]], device=weight.device)
         last.append(hidden[torch.arange(b - a, device=weight.device), ends])  # [g, d] at each last prompt token
