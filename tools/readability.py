@@ -1,8 +1,9 @@
 """Readability figures of Python files, as the readability issue's table measures them.
 
-    python tools/readability.py cwpo.py model.py data.py train_weak.py train_policy.py eval.py
+    python tools/readability.py                      # the six files of the method
+    python tools/readability.py generate.py runs.py  # any others
 
-lines: all lines; over 100: lines longer than 100 characters (% of all lines); blank in bodies: blank lines
+lines: all lines, and per file; over 120: lines longer than 120 characters (none allowed); over 100: lines longer than 100 characters (% of all lines); blank in bodies: blank lines
 inside function bodies (% of the body lines, from the line after the def's signature to the body's last line);
 tokens / code line: Python tokens (no comments, newlines or indents) per non-blank, non-comment line;
 one-line ifs: `if ...: statement` on one line, and conditional expressions `a if c else b`, per 100
@@ -11,20 +12,26 @@ names from a tuple of as many values (`a, b = x, y`), per 100 code lines.
 """
 import ast
 import io
+import os
 import sys
 import tokenize
+
+METHOD = ["cwpo.py", "model.py", "data.py", "train_weak.py", "train_policy.py", "eval.py"]
 
 SKIP = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
         tokenize.ENCODING, tokenize.ENDMARKER}
 
 
 def figures(paths):
-    lines = over = body = blank = code = tokens = one_line_ifs = ternaries = parallel = 0
+    lines = over = too_long = body = blank = code = tokens = one_line_ifs = ternaries = parallel = 0
+    per_file = {}
     for path in paths:
         text = open(path, encoding="utf-8").read()
         rows = text.splitlines()
+        per_file[os.path.basename(path)] = len(rows)
         lines += len(rows)
         over += sum(len(r) > 100 for r in rows)
+        too_long += sum(len(r) > 120 for r in rows)
         tree = ast.parse(text)
         in_body = set()
         for node in ast.walk(tree):
@@ -44,12 +51,18 @@ def figures(paths):
         code_rows = {t.start[0] for t in toks}
         code += len(code_rows)
         tokens += len(toks)
-    return {"lines": lines, "over 100 %": 100 * over / lines, "blank in bodies %": 100 * blank / body,
+    return {"lines": lines, "per file": " ".join(f"{n} {c}" for n, c in per_file.items()),
+            "over 120": too_long, "over 100 %": 100 * over / lines, "blank in bodies %": 100 * blank / body,
             "tokens / code line": tokens / code, "one-line ifs / 100": 100 * one_line_ifs / code,
             "conditional expr / 100": 100 * ternaries / code,
             "parallel / 100": 100 * parallel / code}
 
 
 if __name__ == "__main__":
-    for name, value in figures(sys.argv[1:]).items():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = sys.argv[1:] or [os.path.join(root, name) for name in METHOD]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        sys.exit(f"readability.py: no such file: {missing[0]}")
+    for name, value in figures(files).items():
         print(f"{name:20} {value:.1f}" if isinstance(value, float) else f"{name:20} {value}")
