@@ -3,8 +3,9 @@
     python tools/readability.py                      # the six files of the method
     python tools/readability.py generate.py runs.py  # any others
 
-lines: all lines, and per file; over 120: lines longer than 120 characters (none allowed); over 100: lines longer than 100 characters (% of all lines); blank in bodies: blank lines
-inside function bodies (% of the body lines, from the line after the def's signature to the body's last line);
+lines: all lines, and per file; over 120: lines longer than 120 characters (none allowed); over 100: lines
+longer than 100 characters (% of all lines); blank in bodies: blank lines inside function bodies (% of the
+body lines, from the line after the def's signature to the body's last line);
 tokens / code line: Python tokens (no comments, newlines or indents) per non-blank, non-comment line;
 one-line ifs: `if ...: statement` on one line, and conditional expressions `a if c else b`, per 100
 code lines; parallel: assignments of two or more
